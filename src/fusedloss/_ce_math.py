@@ -1,0 +1,124 @@
+"""Per-token softmax cross-entropy math, in one place.
+
+Both the standalone ``softmax_cross_entropy_with_integer_labels`` and every
+``linear_cross_entropy`` implementation (materialized, chunked, Pallas, sharded) build
+their loss and their logit gradient from the functions here, so label smoothing,
+z-loss and softcapping are defined once.
+
+Notation, per token with (softcapped) logits ``s`` over ``V`` classes, label ``y``,
+smoothing ``a`` and z-loss weight ``b``::
+
+    lse  = log sum_j exp(s_j)
+    loss = lse - (1 - a) s_y - (a / V) sum_j s_j + b lse**2
+    dloss/ds_j = (1 + 2 b lse) softmax(s)_j - (1 - a) [j == y] - a / V
+    s = c tanh(z / c)  =>  ds/dz = 1 - (s / c)**2
+
+All of it is evaluated in float32 (or wider) whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def acc_dtype(dtype: Any) -> Any:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def softcap(z: Array, cap: Array | float | None) -> Array:
+    """``cap * tanh(z / cap)``; identity when ``cap`` is None."""
+    if cap is None:
+        return z
+    return cap * jnp.tanh(z / cap)
+
+
+def softcap_grad(capped: Array, cap: Array | float | None) -> Array | float:
+    """d softcap(z) / dz written in terms of the capped value (no tanh recomputed)."""
+    if cap is None:
+        return 1.0
+    r = capped / cap
+    return 1.0 - r * r
+
+
+def token_loss(
+    lse: Array,
+    label_logit: Array,
+    sum_logits: Array | None,
+    *,
+    num_classes: Array | int,
+    label_smoothing: Array | float,
+    z_loss: Array | float,
+) -> Array:
+    """Per-token loss from the token's log-sum-exp, label logit and logit sum.
+
+    ``sum_logits`` may be None when ``label_smoothing`` is statically 0. Integer-label
+    CE subtracts the log-normalizer only from the label's logit, never from every
+    logit, so nothing logits-sized is formed here.
+    """
+    loss = lse - (1.0 - label_smoothing) * label_logit
+    if sum_logits is not None:
+        loss = loss - (label_smoothing / num_classes) * sum_logits
+    return loss + z_loss * lse * lse
+
+
+def logit_grad(
+    capped: Array,
+    lse: Array,
+    is_label: Array,
+    scale: Array,
+    *,
+    num_classes: Array | int,
+    label_smoothing: Array | float,
+    z_loss: Array | float,
+    cap: Array | float | None,
+    include: Array | None = None,
+) -> Array:
+    """Gradient of ``scale * token_loss`` w.r.t. the raw (pre-softcap) logits.
+
+    Args:
+      capped: ``[..., Vc]`` softcapped logits (a vocabulary chunk or all of it).
+      lse: ``[..., 1]`` the token's log-sum-exp over the whole vocabulary.
+      is_label: ``[..., Vc]`` bool, True at the label's column.
+      scale: ``[..., 1]`` the cotangent of the token's loss (0 for excluded tokens).
+      include: optional ``[..., Vc]`` bool mask of classes taking part (False
+        columns get exactly 0 gradient).
+    """
+    p = jnp.exp(capped - lse)
+    g = (1.0 + 2.0 * z_loss * lse) * p - jnp.where(is_label, 1.0 - label_smoothing, 0.0)
+    g = g - label_smoothing / num_classes
+    g = g * softcap_grad(capped, cap)
+    if include is not None:
+        g = jnp.where(include, g, 0.0)
+    return g * scale
+
+
+def lse_combine(m1: Array, l1: Array, m2: Array, l2: Array) -> tuple[Array, Array]:
+    """Combines two partial log-sum-exps kept as (running max, sum of exp(s - max)).
+
+    Safe when a side has seen nothing (max -inf, sum 0).
+    """
+    m = jnp.maximum(m1, m2)
+    m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
+    return m, l1 * jnp.exp(m1 - m_safe) + l2 * jnp.exp(m2 - m_safe)
+
+
+def lse_finalize(m: Array, l: Array) -> Array:
+    """log-sum-exp from (running max, sum): -inf for an empty row, NaN propagates."""
+    m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
+    return m_safe + jnp.log(l)
+
+
+def label_in_range(labels: Array, num_classes: int) -> Array:
+    return (labels >= 0) & (labels < num_classes)
+
+
+def nan_if_bad_label(loss: Array, labels: Array, num_classes: int, valid: Array) -> Array:
+    """A label outside ``[0, V)`` on an included token makes its loss NaN (loud)."""
+    bad = valid & ~label_in_range(labels, num_classes)
+    return jnp.where(bad, jnp.nan, loss)
