@@ -67,6 +67,49 @@ def token_loss(
     return loss + z_loss * lse * lse
 
 
+def token_loss_cotangents(
+    lse: Array,
+    scale: Array,
+    *,
+    num_classes: Array | int,
+    label_smoothing: Array | float,
+    z_loss: Array | float,
+) -> tuple[Array, Array, Array]:
+    """Cotangents of ``scale * token_loss`` w.r.t. (lse, label logit, logit sum)."""
+    return (
+        scale * (1.0 + 2.0 * z_loss * lse),
+        -scale * (1.0 - label_smoothing),
+        -scale * (label_smoothing / num_classes),
+    )
+
+
+def stats_grad(
+    capped: Array,
+    lse: Array,
+    is_label: Array,
+    g_lse: Array,
+    g_label: Array,
+    g_sum: Array,
+    *,
+    cap: Array | float | None,
+    include: Array | None = None,
+) -> Array:
+    """Pulls cotangents of a token's (lse, label logit, logit sum) back to raw logits.
+
+    ``d lse / d s = softmax(s)``, ``d s_y / d s = onehot(y)``, ``d sum(s) / d s = 1``,
+    then through the softcap. Shapes: ``capped``/``is_label``/``include``
+    ``[..., Vc]`` (a vocabulary chunk or all of it); ``lse`` and the three
+    cotangents ``[..., 1]``. ``include`` marks the classes taking part in the
+    normalizer and the logit sum (the label's own logit counts regardless).
+    """
+    p = jnp.exp(capped - lse)
+    if include is not None:
+        p = jnp.where(include, p, 0.0)
+        g_sum = jnp.where(include, g_sum, 0.0)
+    g = g_lse * p + jnp.where(is_label, g_label, 0.0) + g_sum
+    return g * softcap_grad(capped, cap)
+
+
 def logit_grad(
     capped: Array,
     lse: Array,
@@ -81,21 +124,14 @@ def logit_grad(
 ) -> Array:
     """Gradient of ``scale * token_loss`` w.r.t. the raw (pre-softcap) logits.
 
-    Args:
-      capped: ``[..., Vc]`` softcapped logits (a vocabulary chunk or all of it).
-      lse: ``[..., 1]`` the token's log-sum-exp over the whole vocabulary.
-      is_label: ``[..., Vc]`` bool, True at the label's column.
-      scale: ``[..., 1]`` the cotangent of the token's loss (0 for excluded tokens).
-      include: optional ``[..., Vc]`` bool mask of classes taking part (False
-        columns get exactly 0 gradient).
+    ``(1 + 2 b lse) softmax - (1 - a) onehot - a / V``, through the softcap; shapes
+    as in :func:`stats_grad`, ``scale`` ``[..., 1]`` being the cotangent of the
+    token's loss (0 for excluded tokens).
     """
-    p = jnp.exp(capped - lse)
-    g = (1.0 + 2.0 * z_loss * lse) * p - jnp.where(is_label, 1.0 - label_smoothing, 0.0)
-    g = g - label_smoothing / num_classes
-    g = g * softcap_grad(capped, cap)
-    if include is not None:
-        g = jnp.where(include, g, 0.0)
-    return g * scale
+    cts = token_loss_cotangents(
+        lse, scale, num_classes=num_classes, label_smoothing=label_smoothing, z_loss=z_loss
+    )
+    return stats_grad(capped, lse, is_label, *cts, cap=cap, include=include)
 
 
 def lse_combine(m1: Array, l1: Array, m2: Array, l2: Array) -> tuple[Array, Array]:

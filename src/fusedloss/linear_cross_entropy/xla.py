@@ -1,0 +1,408 @@
+"""Chunked linear cross-entropy in plain JAX (every backend), with a custom VJP.
+
+Two strategies, both holding at most one ``[token_chunk, vocab_chunk]`` float32
+block of logits (and its gradient) at a time:
+
+``recompute``
+    Vocabulary chunks with an online log-sum-exp; the forward saves only per-token
+    statistics (log-sum-exp, label logit, logit sum), the backward recomputes each
+    block of logits from them. Four matmuls instead of three, least memory. The
+    backward sweeps vocabulary chunks on the outside, so each ``dw[:, chunk]`` is
+    finished (and cast to ``w``'s dtype) before the next: no float32 copy of
+    ``w``-sized data is ever held.
+
+``grad_in_forward``
+    Token chunks over the whole vocabulary; the forward forms the loss and, in the
+    same pass, the gradients w.r.t. ``x``, ``w`` and ``bias`` for a unit cotangent
+    (the same three matmuls as the materialized version). The backward only scales
+    them. Needs a float32 ``[D, V]`` accumulator for ``dw`` and a scalar loss.
+
+Chunks never pad ``x`` or ``w`` (that would copy them): a trailing partial chunk
+is handled by clamping its start so it ends at the last row/column and masking the
+rows/columns that an earlier chunk already covered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from fusedloss import _ce_math
+from fusedloss.linear_cross_entropy._common import (
+    Hyper,
+    ImplOutput,
+    TokenStats,
+    cdiv,
+    loss_from_stats,
+    round_down,
+)
+
+Strategy = Literal["auto", "grad_in_forward", "recompute"]
+_STRATEGIES = ("auto", "grad_in_forward", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaConfig:
+    """Tuning knobs of the chunked ``xla`` implementation.
+
+    Attributes:
+      strategy: ``"auto"`` (``grad_in_forward`` for a reduced loss when its float32
+        ``dw`` accumulator fits ``accumulator_bytes``, else ``recompute``),
+        ``"grad_in_forward"`` or ``"recompute"``.
+      block_bytes: float32 bytes of one ``[token_chunk, vocab_chunk]`` logits block;
+        sets the chunk sizes that are not given explicitly.
+      token_chunk: rows per block (default: from ``block_bytes``).
+      vocab_chunk: columns per block for ``recompute`` (default: from
+        ``block_bytes``); ``grad_in_forward`` always spans the whole vocabulary.
+      accumulator_bytes: largest extra float32 ``dw`` accumulator ``"auto"`` accepts
+        for ``grad_in_forward`` (none is needed when ``w`` is float32 already).
+    """
+
+    strategy: Strategy = "auto"
+    block_bytes: int = 32 * 2**20
+    token_chunk: int | None = None
+    vocab_chunk: int | None = None
+    accumulator_bytes: int = 1 * 2**30
+
+    def __post_init__(self):
+        if self.strategy not in _STRATEGIES:
+            raise ValueError(
+                f"XlaConfig.strategy must be one of {_STRATEGIES}, got {self.strategy!r}."
+            )
+        if self.block_bytes < 4 * 8 * 8:
+            raise ValueError(f"XlaConfig.block_bytes must be >= 256, got {self.block_bytes}.")
+        for name in ("token_chunk", "vocab_chunk"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"XlaConfig.{name} must be a positive int, got {value!r}.")
+
+    def resolve(self, n: int, d: int, v: int, w_dtype, per_token: bool) -> tuple[str, int, int]:
+        """(strategy, token_chunk, vocab_chunk) for an ``[n, d] @ [d, v]`` problem."""
+        strategy = self.strategy
+        if strategy == "auto":
+            # A float32 w's gradient is its own accumulator; other dtypes need one more.
+            extra = 0 if jnp.dtype(w_dtype) == jnp.float32 else 4 * d * v
+            fits = extra <= self.accumulator_bytes
+            strategy = "grad_in_forward" if (not per_token and fits) else "recompute"
+        elems = max(self.block_bytes // 4, 64)
+        if strategy == "grad_in_forward":
+            vc = v
+            tn = self.token_chunk or round_down(elems // v, 8, 8)
+        else:
+            tn = self.token_chunk or min(n, 4096)
+            vc = self.vocab_chunk or round_down(elems // max(tn, 1), 128, 128)
+        return strategy, max(1, min(tn, n)), max(1, min(vc, v))
+
+
+def _chunk_start(i, chunk: int, total: int):
+    """Clamped start and nominal start of chunk ``i`` (the last one may overlap)."""
+    nominal = i * chunk
+    return jnp.minimum(nominal, total - chunk), nominal
+
+
+def _block(x_blk, w_blk, b_blk, cap):
+    """float32 softcapped logits of one block."""
+    dt = _ce_math.acc_dtype(x_blk.dtype)
+    z = jax.lax.dot_general(x_blk, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=dt)
+    if b_blk is not None:
+        z = z + b_blk.astype(dt)[None, :]
+    return _ce_math.softcap(z, cap)
+
+
+def _slice_bias(bias, start, size):
+    return None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, size)
+
+
+# --------------------------------------------------------------------------------------
+# recompute: a differentiable per-token statistics core
+# --------------------------------------------------------------------------------------
+
+
+def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, vc: int):
+    n, _ = x.shape
+    v = w.shape[1]
+    nt, nv = cdiv(n, tn), cdiv(v, vc)
+    f32 = _ce_math.acc_dtype(x.dtype)
+    init = (
+        jnp.full((n,), -jnp.inf, f32),  # running max
+        jnp.zeros((n,), f32),  # running sum of exp(s - max)
+        jnp.zeros((n,), f32),  # label logit
+        jnp.zeros((n,), f32),  # logit sum
+        jnp.full((n,), -jnp.inf, f32),  # best logit
+        jnp.zeros((n,), jnp.int32),  # its column
+    )
+
+    def v_body(j, carry):
+        vstart, vnom = _chunk_start(j, vc, v)
+        w_blk = jax.lax.dynamic_slice_in_dim(w, vstart, vc, axis=1)
+        b_blk = _slice_bias(bias, vstart, vc)
+        cols = vstart + jnp.arange(vc, dtype=jnp.int32)
+        col_new = cols >= vnom
+
+        def t_body(i, carry):
+            tstart, tnom = _chunk_start(i, tn, n)
+            rows_new = (tstart + jnp.arange(tn)) >= tnom
+            x_blk = jax.lax.dynamic_slice_in_dim(x, tstart, tn)
+            lab = jax.lax.dynamic_slice_in_dim(labels, tstart, tn)
+            old = [jax.lax.dynamic_slice_in_dim(c, tstart, tn) for c in carry]
+            m, l, lab_logit, ssum, best, arg = old
+            s = _block(x_blk, w_blk, b_blk, hp.softcap)
+            s = jnp.where(col_new[None, :], s, -jnp.inf)
+            bm = jnp.max(s, axis=1)
+            m_new, l_new = _ce_math.lse_combine(
+                m, l, bm, jnp.sum(jnp.exp(s - jnp.where(jnp.isneginf(bm), 0.0, bm)[:, None]), 1)
+            )
+            is_label = (lab[:, None] - vocab_offset == cols[None, :]) & col_new[None, :]
+            lab_logit = lab_logit + jnp.sum(jnp.where(is_label, s, 0.0), axis=1)
+            if hp.need_sum:
+                ssum = ssum + jnp.sum(jnp.where(col_new[None, :], s, 0.0), axis=1)
+            barg = jnp.argmax(s, axis=1).astype(jnp.int32) + vstart
+            take = bm > best
+            best, arg = jnp.maximum(best, bm), jnp.where(take, barg, arg)
+            new = (m_new, l_new, lab_logit, ssum, best, arg)
+            return tuple(
+                jax.lax.dynamic_update_slice_in_dim(c, jnp.where(rows_new, nv_, ov), tstart, 0)
+                for c, nv_, ov in zip(carry, new, old, strict=True)
+            )
+
+        return jax.lax.fori_loop(0, nt, t_body, carry)
+
+    m, l, lab_logit, ssum, best, arg = jax.lax.fori_loop(0, nv, v_body, init)
+    del valid
+    return TokenStats(
+        lse=_ce_math.lse_finalize(m, l),
+        label_logit=lab_logit,
+        sum_logits=ssum,
+        max_logit=best,
+        argmax=arg + jnp.asarray(vocab_offset, jnp.int32),
+    )
+
+
+def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, vc):
+    g_lse, g_lab, g_sum = (jnp.where(valid, c, 0.0) for c in cts)
+    n, d = x.shape
+    v = w.shape[1]
+    nt, nv = cdiv(n, tn), cdiv(v, vc)
+    f32 = _ce_math.acc_dtype(x.dtype)
+    lse = jnp.where(valid, lse, 0.0)
+    zero = jnp.zeros((), x.dtype)
+    dx0 = jnp.zeros((n, d), f32)
+    dw0 = jnp.zeros_like(w)
+    db0 = None if bias is None else jnp.zeros_like(bias)
+
+    def v_body(j, carry):
+        dx, dw, db = carry
+        vstart, vnom = _chunk_start(j, vc, v)
+        w_blk = jax.lax.dynamic_slice_in_dim(w, vstart, vc, axis=1)
+        b_blk = _slice_bias(bias, vstart, vc)
+        cols = vstart + jnp.arange(vc, dtype=jnp.int32)
+        col_new = cols >= vnom
+
+        def t_body(i, inner):
+            dx, dw_acc, db_acc = inner
+            tstart, tnom = _chunk_start(i, tn, n)
+            take_rows = ((tstart + jnp.arange(tn)) >= tnom) & jax.lax.dynamic_slice_in_dim(
+                valid, tstart, tn
+            )
+            x_blk = jax.lax.dynamic_slice_in_dim(x, tstart, tn)
+            x_blk = jnp.where(take_rows[:, None], x_blk, zero)
+            sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=tstart, slice_size=tn)
+            s = _block(x_blk, w_blk, b_blk, hp.softcap)
+            is_label = (sl(labels)[:, None] - vocab_offset) == cols[None, :]
+            dl = _ce_math.stats_grad(
+                s,
+                sl(lse)[:, None],
+                is_label,
+                sl(g_lse)[:, None],
+                sl(g_lab)[:, None],
+                sl(g_sum)[:, None],
+                cap=hp.softcap,
+            )
+            dl = jnp.where(take_rows[:, None] & col_new[None, :], dl, 0.0)
+            dl_c = dl.astype(x.dtype)
+            dx_blk = jax.lax.dot_general(
+                dl_c, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=f32
+            )
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, sl(dx) + dx_blk, tstart, 0)
+            dw_acc = dw_acc + jax.lax.dot_general(
+                x_blk, dl_c, (((0,), (0,)), ((), ())), preferred_element_type=f32
+            )
+            if db_acc is not None:
+                db_acc = db_acc + jnp.sum(dl, axis=0)
+            return dx, dw_acc, db_acc
+
+        dw_acc0 = jnp.zeros((d, vc), f32)
+        db_acc0 = None if bias is None else jnp.zeros((vc,), f32)
+        dx, dw_acc, db_acc = jax.lax.fori_loop(0, nt, t_body, (dx, dw_acc0, db_acc0))
+        old = jax.lax.dynamic_slice_in_dim(dw, vstart, vc, axis=1)
+        dw = jax.lax.dynamic_update_slice_in_dim(
+            dw, jnp.where(col_new[None, :], dw_acc.astype(w.dtype), old), vstart, 1
+        )
+        if db is not None:
+            old_b = jax.lax.dynamic_slice_in_dim(db, vstart, vc)
+            db = jax.lax.dynamic_update_slice_in_dim(
+                db, jnp.where(col_new, db_acc.astype(db.dtype), old_b), vstart, 0
+            )
+        return dx, dw, db
+
+    dx, dw, db = jax.lax.fori_loop(0, nv, v_body, (dx0, dw0, db0))
+    return dx.astype(x.dtype), dw, db
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def chunked_stats(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, vc: int):
+    """Per-token statistics over ``w``'s columns, differentiable, never ``[N, V]``.
+
+    ``labels`` are global ids; ``w``'s column ``j`` is vocabulary id
+    ``vocab_offset + j`` (0 unless ``w`` is a vocabulary shard).
+    """
+    return _stats_forward(x, w, bias, labels, valid, vocab_offset, hp, tn, vc)
+
+
+def _chunked_stats_fwd(x, w, bias, labels, valid, vocab_offset, hp, tn, vc):
+    stats = _stats_forward(x, w, bias, labels, valid, vocab_offset, hp, tn, vc)
+    return stats, (x, w, bias, labels, valid, vocab_offset, stats.lse)
+
+
+def _chunked_stats_bwd(hp, tn, vc, res, ct):
+    x, w, bias, labels, valid, vocab_offset, lse = res
+    cts = (ct.lse, ct.label_logit, ct.sum_logits)
+    dx, dw, db = _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, vc)
+    return dx, dw, db, None, None, None
+
+
+chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# grad_in_forward: the scalar loss with its gradients formed in the forward pass
+# --------------------------------------------------------------------------------------
+
+
+def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int):
+    n, d = x.shape
+    v = w.shape[1]
+    nt = cdiv(n, tn)
+    f32 = _ce_math.acc_dtype(x.dtype)
+    zero = jnp.zeros((), x.dtype)
+    cols = jnp.arange(v, dtype=jnp.int32)
+    b = None if bias is None else bias.astype(f32)
+    init = (
+        jnp.zeros((n,), f32),  # per-token weighted loss
+        jnp.zeros((n,), f32),  # lse
+        jnp.zeros((n,), jnp.int32),  # argmax
+        jnp.zeros((n, d), x.dtype),  # dx
+        jnp.zeros((d, v), f32),  # dw accumulator
+        None if bias is None else jnp.zeros((v,), f32),
+    )
+
+    def t_body(i, carry):
+        loss_c, lse_c, arg_c, dx, dw, db = carry
+        tstart, tnom = _chunk_start(i, tn, n)
+        sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=tstart, slice_size=tn)
+        rows_new = (tstart + jnp.arange(tn)) >= tnom
+        val = sl(valid)
+        take = rows_new & val
+        x_blk = jnp.where(take[:, None], sl(x), zero)
+        lab = sl(labels)
+        s = _block(x_blk, w, b, hp.softcap)
+        lse = jax.nn.logsumexp(s, axis=1)
+        is_label = lab[:, None] == cols[None, :]
+        lab_logit = jnp.sum(jnp.where(is_label, s, 0.0), axis=1)
+        ssum = jnp.sum(s, axis=1) if hp.need_sum else None
+        loss = _ce_math.token_loss(
+            lse, lab_logit, ssum, num_classes=v, label_smoothing=hp.label_smoothing,
+            z_loss=hp.z_loss,
+        )
+        c = jnp.where(take, sl(coef), 0.0)
+        dl = _ce_math.logit_grad(
+            s,
+            lse[:, None],
+            is_label,
+            c[:, None],
+            num_classes=v,
+            label_smoothing=hp.label_smoothing,
+            z_loss=hp.z_loss,
+            cap=hp.softcap,
+        )
+        dl_c = dl.astype(x.dtype)
+        dx_blk = jax.lax.dot_general(dl_c, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+            buf, jnp.where(rows_new.reshape((tn,) + (1,) * (new.ndim - 1)), new, sl(buf)),
+            tstart, 0,
+        )
+        loss_c = upd(loss_c, jnp.where(val, loss, 0.0))
+        lse_c = upd(lse_c, lse)
+        arg_c = upd(arg_c, jnp.argmax(s, axis=1).astype(jnp.int32))
+        dx = upd(dx, dx_blk.astype(x.dtype))
+        dw = dw + jax.lax.dot_general(x_blk, dl_c, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=f32)
+        if db is not None:
+            db = db + jnp.sum(dl, axis=0)
+        return loss_c, lse_c, arg_c, dx, dw, db
+
+    return jax.lax.fori_loop(0, nt, t_body, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int):
+    # Without differentiation only the statistics are needed: one matmul per block.
+    stats = _stats_forward(x, w, bias, labels, valid, 0, hp, tn, vc)
+    out = loss_from_stats(stats, labels, valid, coef, hp, w.shape[1], per_token=False)
+    return out.loss, out.lse, stats.argmax
+
+
+def _gif_fwd(x, w, bias, labels, valid, coef, hp, tn, vc):
+    del vc
+    loss, lse, arg, dx, dw, db = _gif_pass(x, w, bias, labels, valid, coef, hp, tn)
+    loss = _ce_math.nan_if_bad_label(loss, labels, w.shape[1], valid)
+    # Empty arrays carry the primal dtypes the scaled gradients are cast back to.
+    dtypes = (jnp.zeros((0,), w.dtype), None if bias is None else jnp.zeros((0,), bias.dtype))
+    total = jnp.sum(jnp.where(valid, loss * coef, 0.0))
+    return (total, lse, arg), (loss, dx, dw, db, dtypes)
+
+
+def _gif_bwd(hp, tn, vc, res, ct):
+    loss, dx, dw, db, (w_dt, b_dt) = res
+    g = ct[0]
+    return (
+        g.astype(dx.dtype) * dx,
+        (g * dw).astype(w_dt.dtype),
+        None if db is None else (g * db).astype(b_dt.dtype),
+        None,
+        None,
+        g * loss,
+    )
+
+
+_gif_loss.defvjp(_gif_fwd, _gif_bwd)
+
+
+def linear_cross_entropy_xla(
+    x, w, bias, labels, valid, coef, *, hp: Hyper, per_token: bool, config: XlaConfig | None
+) -> ImplOutput:
+    config = XlaConfig() if config is None else config
+    if not isinstance(config, XlaConfig):
+        raise TypeError(f"`config` for implementation 'xla' must be an XlaConfig, got {config!r}.")
+    n, d = x.shape
+    v = w.shape[1]
+    strategy, tn, vc = config.resolve(n, d, v, w.dtype, per_token)
+    if strategy == "grad_in_forward" and per_token:
+        raise ValueError(
+            "strategy='grad_in_forward' needs a reduced loss (reduction='sum' or 'mean'); "
+            "use strategy='recompute' or 'auto' with reduction='none'."
+        )
+    with jax.named_scope(f"fusedloss_lce_xla_{strategy}"):
+        if strategy == "grad_in_forward":
+            _, _, vc_stats = XlaConfig(
+                strategy="recompute", block_bytes=config.block_bytes
+            ).resolve(n, d, v, w.dtype, True)
+            loss, lse, arg = _gif_loss(x, w, bias, labels, valid, coef, hp, tn, vc_stats)
+            correct = valid & (arg == labels)
+            return ImplOutput(loss, jax.lax.stop_gradient(lse), correct)
+        stats = chunked_stats(x, w, bias, labels, valid, jnp.int32(0), hp, tn, vc)
+        return loss_from_stats(stats, labels, valid, coef, hp, v, per_token)
