@@ -106,8 +106,9 @@ def softmax_cross_entropy_with_integer_labels(
     valid = jnp.ones(batch_shape, bool) if row_mask is None else row_mask
     if ignore_index is not None:
         valid = valid & (labels != ignore_index)
-    _checks.check_labels_in_range("labels", labels, num_classes, ignore_index=ignore_index,
-                                  mask=valid)
+    _checks.check_labels_in_range(
+        "labels", labels, num_classes, ignore_index=ignore_index, mask=valid
+    )
 
     loss = _fused_ce(
         flat,

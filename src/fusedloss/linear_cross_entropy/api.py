@@ -266,7 +266,11 @@ def linear_cross_entropy(
                     f"`config` for implementation {name!r} must be a "
                     f"{impl.config_type.__name__}, got {type(config).__name__}."
                 )
-        cfg = config if impl.config_type is not None and isinstance(config, impl.config_type) else None
+        cfg = (
+            config
+            if impl.config_type is not None and isinstance(config, impl.config_type)
+            else None
+        )
         try:
             out = impl.fn(x2, w, bias, lab, valid, coef, hp=hp, per_token=per_token, config=cfg)
         except NotImplementedError as e:

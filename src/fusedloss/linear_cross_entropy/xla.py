@@ -283,7 +283,31 @@ chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
 # --------------------------------------------------------------------------------------
 
 
-def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int):
+def _accumulate_columns(acc, x_blk, dl, vc: int):
+    """``acc += x_blk.T @ dl`` one column chunk at a time.
+
+    A single ``[D, V]`` product would be a second ``w``-sized temporary (XLA does not
+    accumulate a matmul into an existing buffer); per chunk, only ``[D, vc]`` is.
+    """
+    v = acc.shape[1]
+    vc = min(vc, v)
+
+    def body(j, acc):
+        start, nom = _chunk_start(j, vc, v)
+        fresh = (start + jnp.arange(vc)) >= nom
+        dl_blk = jax.lax.dynamic_slice_in_dim(dl, start, vc, axis=1)
+        prod = jax.lax.dot_general(
+            x_blk, dl_blk, (((0,), (0,)), ((), ())), preferred_element_type=acc.dtype
+        )
+        old = jax.lax.dynamic_slice_in_dim(acc, start, vc, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(
+            acc, jnp.where(fresh[None, :], old + prod, old), start, 1
+        )
+
+    return jax.lax.fori_loop(0, cdiv(v, vc), body, acc)
+
+
+def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int):
     n, d = x.shape
     v = w.shape[1]
     nt = cdiv(n, tn)
@@ -315,7 +339,11 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int):
         lab_logit = jnp.sum(jnp.where(is_label, s, 0.0), axis=1)
         ssum = jnp.sum(s, axis=1) if hp.need_sum else None
         loss = _ce_math.token_loss(
-            lse, lab_logit, ssum, num_classes=v, label_smoothing=hp.label_smoothing,
+            lse,
+            lab_logit,
+            ssum,
+            num_classes=v,
+            label_smoothing=hp.label_smoothing,
             z_loss=hp.z_loss,
         )
         c = jnp.where(take, sl(coef), 0.0)
@@ -332,15 +360,16 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int):
         dl_c = dl.astype(x.dtype)
         dx_blk = jax.lax.dot_general(dl_c, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
         upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-            buf, jnp.where(rows_new.reshape((tn,) + (1,) * (new.ndim - 1)), new, sl(buf)),
-            tstart, 0,
+            buf,
+            jnp.where(rows_new.reshape((tn,) + (1,) * (new.ndim - 1)), new, sl(buf)),
+            tstart,
+            0,
         )
         loss_c = upd(loss_c, jnp.where(val, loss, 0.0))
         lse_c = upd(lse_c, lse)
         arg_c = upd(arg_c, jnp.argmax(s, axis=1).astype(jnp.int32))
         dx = upd(dx, dx_blk.astype(x.dtype))
-        dw = dw + jax.lax.dot_general(x_blk, dl_c, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=f32)
+        dw = _accumulate_columns(dw, x_blk, dl_c, vc)
         if db is not None:
             db = db + jnp.sum(dl, axis=0)
         return loss_c, lse_c, arg_c, dx, dw, db
@@ -357,8 +386,7 @@ def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int):
 
 
 def _gif_fwd(x, w, bias, labels, valid, coef, hp, tn, vc):
-    del vc
-    loss, lse, arg, dx, dw, db = _gif_pass(x, w, bias, labels, valid, coef, hp, tn)
+    loss, lse, arg, dx, dw, db = _gif_pass(x, w, bias, labels, valid, coef, hp, tn, vc)
     loss = _ce_math.nan_if_bad_label(loss, labels, w.shape[1], valid)
     # Empty arrays carry the primal dtypes the scaled gradients are cast back to.
     dtypes = (jnp.zeros((0,), w.dtype), None if bias is None else jnp.zeros((0,), bias.dtype))
@@ -366,12 +394,33 @@ def _gif_fwd(x, w, bias, labels, valid, coef, hp, tn, vc):
     return (total, lse, arg), (loss, dx, dw, db, dtypes)
 
 
+def _scale_in_place(buf, g, out_dtype, chunk: int):
+    """``(g * buf).astype(out_dtype)`` along axis 1 in chunks.
+
+    Written as a loop of slice updates so that XLA can reuse ``buf`` (a dead residual)
+    for the result instead of allocating a second ``buf``-sized buffer.
+    """
+    if buf.dtype != out_dtype:
+        return (g * buf).astype(out_dtype)
+    total = buf.shape[1]
+    chunk = min(chunk, total)
+
+    def body(j, buf):
+        start, nom = _chunk_start(j, chunk, total)
+        old = jax.lax.dynamic_slice_in_dim(buf, start, chunk, axis=1)
+        fresh = (start + jnp.arange(chunk)) >= nom
+        new = jnp.where(fresh[None, :], g.astype(buf.dtype) * old, old)
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, start, 1)
+
+    return jax.lax.fori_loop(0, cdiv(total, chunk), body, buf)
+
+
 def _gif_bwd(hp, tn, vc, res, ct):
     loss, dx, dw, db, (w_dt, b_dt) = res
     g = ct[0]
     return (
         g.astype(dx.dtype) * dx,
-        (g * dw).astype(w_dt.dtype),
+        _scale_in_place(dw, g, w_dt.dtype, max(vc, 1024)),
         None if db is None else (g * db).astype(b_dt.dtype),
         None,
         None,
