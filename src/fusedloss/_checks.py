@@ -123,7 +123,8 @@ def check_scalar_range(
     if not (lo_ok and hi_ok) or np.isnan(v):
         lb = "-inf" if low is None else f"{low}"
         hb = "inf" if high is None else f"{high}"
-        interval = ("[" if low_inclusive else "(") + f"{lb}, {hb}" + ("]" if high_inclusive else ")")
+        left, right = ("[" if low_inclusive else "("), ("]" if high_inclusive else ")")
+        interval = f"{left}{lb}, {hb}{right}"
         raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
 
 

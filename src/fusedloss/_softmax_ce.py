@@ -92,7 +92,7 @@ def softmax_cross_entropy_with_integer_labels(
         raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
 
     perm = batch_axes + class_axes
-    flat = logits.transpose(perm).reshape(batch_shape + (num_classes,))
+    flat = logits.transpose(perm).reshape((*batch_shape, num_classes))
     row_mask = None
     elem_mask = None
     if where is not None:
