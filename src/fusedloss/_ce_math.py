@@ -27,8 +27,12 @@ Array = jax.Array
 
 
 def acc_dtype(dtype: Any) -> Any:
-    """Accumulation dtype: float32, or float64 for float64 inputs."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """Accumulation dtype: float32, or float64 for float64 inputs.
+
+    Chosen explicitly rather than by type promotion, which is an error for
+    bfloat16 + float32 under ``jax_numpy_dtype_promotion="strict"``.
+    """
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def softcap(z: Array, cap: Array | float | None) -> Array:

@@ -7,7 +7,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from fusedloss import _checks
+from fusedloss import _ce_math, _checks
 
 Reduction = Literal["none", "sum", "mean"]
 
@@ -58,7 +58,7 @@ def reduce_loss(
         _checks.check_floating("weights", weights)
         _checks.check_shape("weights", weights, values.shape, "the shape of `values`")
     out_dtype = values.dtype
-    acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
+    acc_dtype = _ce_math.acc_dtype(out_dtype)
 
     v = values.astype(acc_dtype)
     w = None if weights is None else jnp.asarray(weights).astype(acc_dtype)

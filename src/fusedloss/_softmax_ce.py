@@ -176,7 +176,8 @@ def _fused_ce_bwd(smoothing, res, g):
         if smoothing:
             count = jnp.maximum(jnp.sum(elem_mask, axis=-1, keepdims=True, dtype=dt), 1.0)
     lse_safe = jnp.where(valid, lse, 0.0)[..., None]
-    is_label = labels[..., None] == jnp.arange(flat.shape[-1], dtype=labels.dtype)
+    classes = jnp.arange(flat.shape[-1], dtype=labels.dtype).reshape((1,) * labels.ndim + (-1,))
+    is_label = labels[..., None] == classes
     scale = jnp.where(valid, g.astype(dt), 0.0)[..., None]
     dlogits = _ce_math.logit_grad(
         s,

@@ -73,7 +73,7 @@ def loss_from_stats(
     correct = valid & (stats.argmax == labels)
     return ImplOutput(
         loss if per_token else jnp.sum(loss),
-        jax.lax.stop_gradient(stats.lse),
+        jax.lax.stop_gradient(jnp.where(valid, stats.lse, 0.0)),
         correct,
     )
 

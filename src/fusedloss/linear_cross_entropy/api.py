@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedloss import _checks
+from fusedloss import _ce_math, _checks
 from fusedloss.linear_cross_entropy._common import Hyper, ImplOutput
 from fusedloss.linear_cross_entropy.reference import linear_cross_entropy_reference
 from fusedloss.linear_cross_entropy.xla import XlaConfig, linear_cross_entropy_xla
@@ -238,10 +238,11 @@ def linear_cross_entropy(
         valid = valid & (lab != ignore_index)
     _checks.check_labels_in_range("labels", lab, v, ignore_index=ignore_index, mask=valid)
     lab = lab.astype(jnp.int32)
+    acc = _ce_math.acc_dtype(x.dtype)
     wts = (
-        jnp.ones(lab.shape, jnp.float32)
+        jnp.ones(lab.shape, acc)
         if weights is None
-        else jax.lax.stop_gradient(weights.reshape(-1).astype(jnp.float32))
+        else jax.lax.stop_gradient(weights.reshape(-1).astype(acc))
     )
     wts = jnp.where(valid, wts, 0.0)
     weight_sum = jnp.sum(wts)

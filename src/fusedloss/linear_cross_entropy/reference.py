@@ -22,11 +22,11 @@ def reference_stats(x, w, bias, labels, hp: Hyper, vocab_offset=0) -> TokenStats
     dt = _ce_math.acc_dtype(x.dtype)
     logits = jnp.dot(x, w, preferred_element_type=dt)
     if bias is not None:
-        logits = logits + bias.astype(dt)
+        logits = logits + bias.astype(dt)[None, :]
     s = _ce_math.softcap(logits, hp.softcap)
     lse = jax.nn.logsumexp(s, axis=-1)
     cols = vocab_offset + jnp.arange(w.shape[1], dtype=labels.dtype)
-    label_logit = jnp.sum(jnp.where(labels[:, None] == cols, s, 0.0), axis=-1)
+    label_logit = jnp.sum(jnp.where(labels[:, None] == cols[None, :], s, 0.0), axis=-1)
     sum_logits = jnp.sum(s, axis=-1) if hp.need_sum else jnp.zeros_like(lse)
     return TokenStats(
         lse=lse,

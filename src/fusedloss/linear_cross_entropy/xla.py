@@ -452,6 +452,6 @@ def linear_cross_entropy_xla(
             ).resolve(n, d, v, w.dtype, True)
             loss, lse, arg = _gif_loss(x, w, bias, labels, valid, coef, hp, tn, vc_stats)
             correct = valid & (arg == labels)
-            return ImplOutput(loss, jax.lax.stop_gradient(lse), correct)
+            return ImplOutput(loss, jax.lax.stop_gradient(jnp.where(valid, lse, 0.0)), correct)
         stats = chunked_stats(x, w, bias, labels, valid, jnp.int32(0), hp, tn, vc)
         return loss_from_stats(stats, labels, valid, coef, hp, v, per_token)
