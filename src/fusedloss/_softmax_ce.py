@@ -110,14 +110,15 @@ def softmax_cross_entropy_with_integer_labels(
         "labels", labels, num_classes, ignore_index=ignore_index, mask=valid
     )
 
+    acc = _ce_math.acc_dtype(logits.dtype)
     loss = _fused_ce(
         flat,
         labels,
         valid,
         elem_mask,
-        jnp.asarray(label_smoothing, jnp.float32),
-        jnp.asarray(z_loss, jnp.float32),
-        None if logit_softcap is None else jnp.asarray(logit_softcap, jnp.float32),
+        jnp.asarray(label_smoothing, acc),
+        jnp.asarray(z_loss, acc),
+        None if logit_softcap is None else jnp.asarray(logit_softcap, acc),
         smoothing=bool(_maybe_nonzero(label_smoothing)),
     )
     return loss.astype(logits.dtype)

@@ -1,0 +1,211 @@
+"""The fused softmax_cross_entropy_with_integer_labels."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from fusedloss import softmax_cross_entropy_with_integer_labels as ce
+
+
+def optax_ce(*args, **kw):
+    return optax.losses.softmax_cross_entropy_with_integer_labels(*args, **kw)
+
+
+def oracle(logits, labels, *, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=None):
+    """Float64 NumPy definition, class axis last."""
+    z = np.asarray(logits, np.float64)
+    if softcap is not None:
+        z = softcap * np.tanh(z / softcap)
+    v = z.shape[-1]
+    m = z.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0]
+    onehot = labels[..., None] == np.arange(v)
+    target = (1 - label_smoothing) * onehot + label_smoothing / v
+    loss = lse - (target * z).sum(-1) + z_loss * lse**2
+    if ignore_index is not None:
+        loss = np.where(labels == ignore_index, 0.0, loss)
+    return loss
+
+
+def rand(seed, shape, v):
+    rng = np.random.default_rng(seed)
+    return (
+        jnp.asarray(rng.normal(size=(*shape, v)) * 3, jnp.float32),
+        jnp.asarray(rng.integers(0, v, size=shape), jnp.int32),
+    )
+
+
+@pytest.mark.parametrize("shape,v", [((7,), 5), ((3, 4), 11), ((2, 3, 5), 130)])
+def test_matches_optax_values_and_grads(shape, v):
+    logits, labels = rand(sum(shape) + v, shape, v)
+    np.testing.assert_allclose(ce(logits, labels), optax_ce(logits, labels), rtol=1e-5)
+    g = jax.grad(lambda z: ce(z, labels).sum())(logits)
+    g_ref = jax.grad(lambda z: optax_ce(z, labels).sum())(logits)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -2, (1, 2), (0, 2)])
+def test_matches_optax_axis(axis):
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)
+    axes = (axis,) if isinstance(axis, int) else axis
+    axes = tuple(a % 3 for a in axes)
+    batch = tuple(s for i, s in enumerate(logits.shape) if i not in axes)
+    v = int(np.prod([logits.shape[a] for a in axes]))
+    labels = jnp.asarray(rng.integers(0, v, size=batch), jnp.int32)
+    np.testing.assert_allclose(
+        ce(logits, labels, axis=axis), optax_ce(logits, labels, axis=axis), rtol=1e-5
+    )
+    g = jax.grad(lambda z: ce(z, labels, axis=axis).sum())(logits)
+    g_ref = jax.grad(lambda z: optax_ce(z, labels, axis=axis).sum())(logits)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("per_element", [False, True])
+def test_matches_optax_where(per_element):
+    logits, labels = rand(5, (6, 4), 9)
+    rng = np.random.default_rng(6)
+    where = rng.random(logits.shape if per_element else labels.shape) > 0.3
+    where[0] = False  # a fully masked row
+    where = jnp.asarray(where)
+    got = ce(logits, labels, where=where)
+    np.testing.assert_allclose(got, optax_ce(logits, labels, where=where), rtol=1e-5)
+    assert float(got[0].sum()) == 0.0
+    g = jax.grad(lambda z: ce(z, labels, where=where).sum())(logits)
+    g_ref = jax.grad(lambda z: optax_ce(z, labels, where=where).sum())(logits)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7)
+    assert not np.any(np.asarray(g[0]))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"label_smoothing": 0.1},
+        {"z_loss": 1e-2},
+        {"softcap": 2.5},
+        {"ignore_index": -100},
+        {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 5.0, "ignore_index": -100},
+    ],
+)
+def test_extra_features_match_float64_oracle(kw):
+    logits, labels = rand(9, (5, 6), 33)
+    if "ignore_index" in kw:
+        labels = labels.at[1, 2].set(-100).at[4, 0].set(-100)
+    api_kw = {("logit_softcap" if k == "softcap" else k): v for k, v in kw.items()}
+    got = jax.jit(functools.partial(ce, **api_kw))(logits, labels)
+    np.testing.assert_allclose(got, oracle(logits, np.asarray(labels), **kw), rtol=1e-5, atol=1e-6)
+    with jax.enable_x64(True):
+        z64 = jnp.asarray(logits, jnp.float64)
+        check_grads(lambda z: ce(z, labels, **api_kw), (z64,), order=1, modes=["rev"], atol=1e-6)
+
+
+def test_residuals_are_logits_plus_one_value_per_row():
+    logits, labels = rand(1, (8, 16), 1000)
+    _, vjp_fn = jax.vjp(
+        lambda z: ce(z, labels, label_smoothing=0.1, z_loss=1e-3, logit_softcap=30.0), logits
+    )
+    leaves = jax.tree.leaves(vjp_fn)
+    big = [leaf for leaf in leaves if leaf.size > 8 * 16]
+    assert len(big) == 1 and big[0].shape == logits.shape
+    for leaf in leaves:
+        if leaf.shape != logits.shape:
+            assert leaf.size <= 8 * 16, leaf.shape
+
+
+def test_bf16_uses_float32_internals():
+    logits, labels = rand(2, (16,), 300)
+    lb = logits.astype(jnp.bfloat16)
+    out = ce(lb, labels)
+    assert out.dtype == jnp.bfloat16
+    want = oracle(np.asarray(lb, np.float64), np.asarray(labels))
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=2**-7)
+    g = jax.grad(lambda z: ce(z, labels).astype(jnp.float32).sum())(lb)
+    assert g.dtype == jnp.bfloat16
+    g_ref = jax.grad(lambda z: optax_ce(z, labels).sum())(jnp.asarray(lb, jnp.float32))
+    np.testing.assert_allclose(np.asarray(g, np.float32), g_ref, atol=2**-8)
+
+
+@pytest.mark.parametrize("dtype,big", [(jnp.float32, 1e4), (jnp.bfloat16, 3e4)])
+def test_extreme_logits_are_finite_and_correct(dtype, big):
+    logits = jnp.array([[big, -big, 0.0], [-big, -big, big], [big, big, -big]], dtype)
+    labels = jnp.array([1, 2, 0])
+    out = ce(logits, labels, z_loss=1e-4, label_smoothing=0.1)
+    want = oracle(
+        np.asarray(logits, np.float64), np.asarray(labels), z_loss=1e-4, label_smoothing=0.1
+    )
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2)
+    g = jax.grad(lambda z: ce(z, labels).astype(jnp.float32).sum())(logits)
+    assert np.isfinite(np.asarray(g, np.float32)).all()
+    np.testing.assert_allclose(np.asarray(g, np.float32)[0], [1.0, -1.0, 0.0], atol=1e-6)
+
+
+def test_bad_input():
+    logits, labels = rand(0, (4,), 5)
+    with pytest.raises(TypeError, match="`logits` must have a floating dtype"):
+        ce(labels, labels)
+    with pytest.raises(TypeError, match="`labels` must have an integer dtype"):
+        ce(logits, logits[:, 0])
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(4,\)"):
+        ce(logits, labels[:3])
+    with pytest.raises(ValueError, match=r"`label_smoothing` must be in \[0.0, 1.0\), got 1.5"):
+        ce(logits, labels, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"`where` must have shape \(4,\) or \(4, 5\)"):
+        ce(logits, labels, where=jnp.ones((5,), bool))
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 5\); got 7 at index \(2,\)"):
+        ce(logits, labels.at[2].set(7))
+    with pytest.raises(ValueError, match="`axis`=3 is out of range"):
+        ce(logits, labels, axis=3)
+
+
+def test_out_of_range_label_is_nan_under_jit_and_ignored_label_is_not():
+    logits, labels = rand(0, (4,), 5)
+    out = np.asarray(jax.jit(ce)(logits, labels.at[1].set(5).at[2].set(-1)))
+    assert np.isnan(out[1]) and np.isnan(out[2]) and np.isfinite(out[[0, 3]]).all()
+    out = jax.jit(functools.partial(ce, ignore_index=-1))(logits, labels.at[2].set(-1))
+    assert float(out[2]) == 0.0
+
+
+def test_nan_propagates():
+    logits, labels = rand(0, (4,), 5)
+    out = np.asarray(ce(logits.at[1, 3].set(jnp.nan), labels))
+    assert np.isnan(out[1]) and np.isfinite(out[[0, 2, 3]]).all()
+
+
+def test_vmap_and_no_retrace():
+    logits, labels = rand(4, (3, 6), 7)
+    np.testing.assert_allclose(jax.vmap(ce)(logits, labels), ce(logits, labels), rtol=1e-6)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(z, y):
+        return ce(z, y, label_smoothing=0.1)
+
+    for _ in range(3):
+        f(logits, labels)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    batch=st.integers(1, 6),
+    v=st.integers(2, 40),
+    seed=st.integers(0, 2**16),
+    mask_p=st.floats(0.0, 1.0),
+)
+def test_property_masked_equals_subset(batch, v, seed, mask_p):
+    logits, labels = rand(seed, (batch,), v)
+    where = np.random.default_rng(seed).random(batch) < mask_p
+    full = np.asarray(ce(logits, labels, where=jnp.asarray(where)))
+    np.testing.assert_array_equal(full[~where], 0.0)
+    if where.any():
+        sub = ce(logits[where], labels[where])
+        np.testing.assert_allclose(full[where], sub, rtol=1e-6)
