@@ -6,6 +6,20 @@ from fusedloss._reduce import reduce_loss as reduce_loss
 from fusedloss._softmax_ce import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from fusedloss.classification import hinge_loss as hinge_loss
+from fusedloss.classification import multiclass_hinge_loss as multiclass_hinge_loss
+from fusedloss.classification import multiclass_perceptron_loss as multiclass_perceptron_loss
+from fusedloss.classification import multiclass_sparsemax_loss as multiclass_sparsemax_loss
+from fusedloss.classification import nll_loss as nll_loss
+from fusedloss.classification import perceptron_loss as perceptron_loss
+from fusedloss.classification import perplexity as perplexity
+from fusedloss.classification import poly_loss_cross_entropy as poly_loss_cross_entropy
+from fusedloss.classification import safe_softmax_cross_entropy as safe_softmax_cross_entropy
+from fusedloss.classification import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from fusedloss.classification import sigmoid_focal_loss as sigmoid_focal_loss
+from fusedloss.classification import smooth_labels as smooth_labels
+from fusedloss.classification import softmax_cross_entropy as softmax_cross_entropy
+from fusedloss.classification import sparsemax_loss as sparsemax_loss
 from fusedloss.divergences import generalized_kl_divergence as generalized_kl_divergence
 from fusedloss.divergences import jensen_shannon_divergence as jensen_shannon_divergence
 from fusedloss.divergences import kl_divergence as kl_divergence
@@ -34,6 +48,7 @@ __all__ = [
     "cosine_distance",
     "cosine_similarity",
     "generalized_kl_divergence",
+    "hinge_loss",
     "huber_loss",
     "jensen_shannon_divergence",
     "kl_divergence",
@@ -42,7 +57,20 @@ __all__ = [
     "l2_regularization",
     "linear_cross_entropy",
     "log_cosh",
+    "multiclass_hinge_loss",
+    "multiclass_perceptron_loss",
+    "multiclass_sparsemax_loss",
+    "nll_loss",
+    "perceptron_loss",
+    "perplexity",
+    "poly_loss_cross_entropy",
     "reduce_loss",
+    "safe_softmax_cross_entropy",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "smooth_labels",
+    "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "sparsemax_loss",
     "squared_error",
 ]

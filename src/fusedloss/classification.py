@@ -24,6 +24,7 @@ import numpy as np
 
 from fusedloss import _ce_math, _checks
 from fusedloss._reduce import reduce_loss
+from fusedloss._softmax_ce import softmax_cross_entropy_with_integer_labels
 
 __all__ = [
     "hinge_loss",
@@ -39,6 +40,7 @@ __all__ = [
     "sigmoid_focal_loss",
     "smooth_labels",
     "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     "sparsemax_loss",
 ]
 
@@ -61,7 +63,9 @@ def _acc_dtype(dtype: Any) -> Any:
 def _check_real(name: str, x: Any) -> None:
     dtype = _checks.dtype_of(x)
     if not any(jnp.issubdtype(dtype, k) for k in (jnp.floating, jnp.integer, jnp.bool_)):
-        raise TypeError(f"`{name}` must have a real (floating, integer or bool) dtype, got {dtype}.")
+        raise TypeError(
+            f"`{name}` must have a real (floating, integer or bool) dtype, got {dtype}."
+        )
 
 
 def _floating_input(name: str, x: ArrayLike) -> tuple[Array, Any]:
@@ -118,8 +122,10 @@ def _without_axes(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, .
 def _element_mask(
     where: ArrayLike | None, shape: tuple[int, ...], axes: tuple[int, ...]
 ) -> Array | None:
-    """``where`` given per element (``shape``) or per example (``shape`` minus ``axes``),
-    returned per element."""
+    """A per-element mask from ``where`` given per element or per example.
+
+    Per example means the shape of the logits without the class ``axes``.
+    """
     if where is None:
         return None
     _checks.check_mask("where", where, [shape, _without_axes(shape, axes)])
@@ -186,7 +192,7 @@ def _multiclass_inputs(
     lab = _int_labels(labels)
     valid = _ce_math.label_in_range(lab, num_classes)
     idx = jnp.where(valid, lab, 0).astype(jnp.int32)
-    is_label = jnp.arange(num_classes, dtype=jnp.int32) == idx[..., None]
+    is_label = jax.lax.broadcasted_iota(jnp.int32, s.shape, s.ndim - 1) == idx[..., None]
     label_score = jnp.take_along_axis(s, idx[..., None], axis=-1)[..., 0]
     return s, is_label, label_score, valid, out_dtype
 
@@ -202,10 +208,9 @@ def _sparsemax(z: Array) -> Array:
     Sort-based (Held et al. 1974): the support is the ``k`` largest entries with
     ``1 + k u_k > sum_{j<=k} u_j``; the threshold is ``(sum_{j<=k} u_j - 1) / k``.
     """
-    num_classes = z.shape[-1]
     u = jnp.flip(jnp.sort(z, axis=-1), axis=-1)
     cumsum_u = jnp.cumsum(u, axis=-1)
-    k = jnp.arange(1, num_classes + 1, dtype=z.dtype)
+    k = jax.lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1) + 1.0
     # Same test as optax (1/k + u - cumsum/k > 0) so the supports agree at near-ties.
     support_size = jnp.sum(1.0 / k + (u - cumsum_u / k) > 0, axis=-1, keepdims=True)
     support_size = jnp.maximum(support_size, 1)  # all-NaN rows: NaN flows via cumsum_u
@@ -218,7 +223,8 @@ def _sparsemax(z: Array) -> Array:
 # Public API.
 # ----------------------------------------------------------------------------------
 
-# softmax_cross_entropy_with_integer_labels lives in _softmax_ce.py (re-exported below).
+# softmax_cross_entropy_with_integer_labels (fused, custom VJP) lives in _softmax_ce.py
+# beside the shared CE math and is re-exported from this module.
 
 
 def sigmoid_binary_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> Array:
@@ -285,6 +291,8 @@ def sigmoid_focal_loss(
     x, out_dtype = _floating_input("logits", logits)
     y = _same_shape_input("labels", labels, "logits", x)
     gamma = _hyperparameter("gamma", gamma, x.dtype, [x.shape])
+    if alpha is not None:
+        alpha = _hyperparameter("alpha", alpha, x.dtype, [x.shape])
     log_p = jax.nn.log_sigmoid(x)
     log_q = jax.nn.log_sigmoid(-x)
     ce = -y * log_p - (1.0 - y) * log_q
@@ -301,7 +309,6 @@ def sigmoid_focal_loss(
     log_one_minus_pt = jnp.where(s < 0, jnp.nan, jnp.log(jnp.abs(s)) + m)
     loss = ce * jnp.exp(gamma * log_one_minus_pt)
     if alpha is not None:
-        alpha = _hyperparameter("alpha", alpha, x.dtype, [x.shape])
         loss = (alpha * y + (1.0 - alpha) * (1.0 - y)) * loss
     return loss.astype(out_dtype)
 
@@ -406,6 +413,8 @@ def multiclass_hinge_loss(scores: ArrayLike, labels: ArrayLike) -> Array:
       [0. 2.]
     """
     s, is_label, label_score, valid, out_dtype = _multiclass_inputs(scores, labels)
+    # The label's own term is s_y exactly (optax's (s_y + 1) - 1 can round), so a
+    # satisfied margin gives exactly 0.
     margin = jnp.where(is_label, s, s + 1.0)
     loss = jnp.max(margin, axis=-1) - label_score
     return _nan_where_invalid(loss, valid).astype(out_dtype)
@@ -506,7 +515,7 @@ def softmax_cross_entropy(
       [0.276... 2.951...]
       >>> where = jnp.array([True, False])
       >>> print(classification.softmax_cross_entropy(logits, labels, where=where))
-      [0.276... 0. ...]
+      [0.276... 0. ]
     """
     x, out_dtype = _floating_input("logits", logits)
     y = _same_shape_input("labels", labels, "logits", x)
@@ -650,7 +659,7 @@ def nll_loss(
       >>> log_probs = jax.nn.log_softmax(jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]]))
       >>> labels = jnp.array([0, -100])
       >>> print(classification.nll_loss(log_probs, labels, ignore_index=-100))
-      [0.276... 0. ...]
+      [0.276... 0. ]
     """
     _checks.check_floating("log_probs", log_probs)
     _checks.check_integer("labels", labels)
