@@ -1,0 +1,810 @@
+"""Pallas kernels for ``linear_cross_entropy`` on GPUs (Triton lowering).
+
+The ``recompute`` strategy of :mod:`.xla`: the forward keeps per-token statistics
+only, the backward recomputes logits tile by tile. No kernel writes a float32
+``[tokens, vocab]`` array.
+
+``forward``  grid ``(vocab splits, token tiles)``
+    Each program owns ``block_tokens`` rows and a contiguous range of vocabulary
+    tiles. Per tile it forms ``x[rows] @ w[:, cols]`` in float32 registers
+    (``block_d`` columns of ``x`` at a time), softcaps it and folds it into running
+    per-row statistics with an online log-sum-exp. The splits' partial statistics
+    (``[splits, N]``, a few KiB) are merged by the wrapper with
+    :func:`fusedloss._ce_math.lse_combine`. The split index varies fastest, so the
+    programs resident at one time share few token tiles: their ``x`` rows, re-read
+    for every vocabulary tile, stay in L2, and ``w`` streams from HBM about
+    ``token tiles * splits / SMs`` times.
+
+Two backward strategies (``PallasGpuConfig.backward``):
+
+``"dlogits"`` (default)
+    One kernel, a 2-D tiled matmul with a fused epilogue (program order grouped as
+    in Triton's matmul tutorial so neighbouring programs share ``x`` and ``w`` tiles
+    in L2): recompute a logits tile, pull the cotangents of (lse, label logit, logit
+    sum) back with :func:`fusedloss._ce_math.stats_grad` and store the logits
+    gradient in the input dtype, for one vocabulary chunk ``[N, chunk]`` at a time
+    (``chunk_bytes``), with its float32 column sums (``dbias``). XLA's GEMMs then
+    add ``dlogits @ w[:, chunk].T`` into a float32 ``dx`` and form
+    ``x.T @ dlogits`` as ``dw[:, chunk]``. Both big products run at library speed;
+    the chunk is the only logits-sized buffer, in the input dtype and bounded.
+``"kernels"``
+    Everything in Pallas, two kernels and no atomics: ``dx`` over grid
+    ``(vocab splits, token tiles)`` and ``dw``/``dbias`` over vocabulary tiles, each
+    recomputing its logits tiles. A ``[block, D]`` float32 accumulator does not fit
+    in registers for LM heads (``D`` = 2k..8k), so each program read-modify-writes
+    its own rows of ``dx`` (its own columns of a ``[D, chunk]`` float32 ``dw``
+    accumulator) in global memory, one ``block_d`` slice at a time: deterministic,
+    but that traffic makes it memory-bound on an H100 (``benchmarks/NOTES.md``).
+
+FLOPs: the forward is one ``N x D x V`` matmul (2 N D V), either backward four
+(recompute, ``dx``, ``dw``; "kernels" recomputes twice): 8 N D V in all with
+"dlogits", 10 N D V with "kernels", against the materialized version's 6.
+
+Partial tiles (``N``, ``D`` or ``V`` not multiples of the blocks) are handled with
+masked loads and stores (``other=0`` for the matmul operands, ``-inf`` for logits
+of columns past ``V``); nothing is padded or copied.
+
+Why the Triton lowering and not Mosaic GPU: Triton Pallas kernels run unchanged on
+Ampere (A100) and Hopper (H100/H200) and their API (``pallas.triton``: masked
+``load``/``store``, ``CompilerParams(num_warps, num_stages)``) is the same in JAX
+0.10 and 0.11, whereas Mosaic GPU targets Hopper+ (wgmma/TMA) only and its Pallas
+API still changes between releases. Triton pipelines the ``block_d`` loop with
+``num_stages`` and uses tensor cores for bf16/f16 operands with float32
+accumulation; float32 operands use full-precision (IEEE) products.
+
+On CPU the kernels run with ``PallasGpuConfig(interpret=True)`` (the tests do);
+without it a non-GPU backend raises :class:`NotImplementedError`, so
+``implementation=None`` falls back to ``xla``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from fusedloss import _ce_math
+from fusedloss.linear_cross_entropy import api
+from fusedloss.linear_cross_entropy._common import (
+    Hyper,
+    ImplOutput,
+    TokenStats,
+    cdiv,
+    loss_from_stats,
+)
+
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+_BACKWARDS = ("auto", "dlogits", "kernels")
+# Resident token tiles' x rows the forward tries to keep in L2 (H100: 50 MiB).
+_L2_X_BYTES = 24 * 2**20
+
+
+def _is_pow2(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasGpuConfig:
+    """Tuning knobs of the ``pallas_gpu`` implementation.
+
+    Every field left at None takes a heuristic default for the device kind
+    (``jax.devices()[0].device_kind``) and the problem shape; see :meth:`resolve`.
+
+    Attributes:
+      block_tokens: rows per tile (power of 2, >= 16).
+      block_vocab: columns per tile (power of 2, >= 16).
+      block_d: hidden-size slice per matmul step (power of 2, >= 16).
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth of the ``block_d`` loops.
+      vocab_splits: programs per token tile along the vocabulary in the forward
+        (and in the ``dx`` kernel of ``backward="kernels"``, where each split costs
+        a float32 ``[N, D]`` partial); default: enough programs to fill the GPU
+        with few enough token tiles resident that their ``x`` rows stay in L2.
+      backward: ``"auto"`` (= ``"dlogits"``), ``"dlogits"`` (kernel for the logits
+        gradient of a vocabulary chunk, XLA GEMMs for ``dx``/``dw``) or
+        ``"kernels"`` (all in Pallas); see the module docstring.
+      chunk_bytes: bytes of the per-chunk backward buffer: the ``[N, chunk]``
+        logits gradient in the input dtype (``"dlogits"``) or the float32
+        ``[D, chunk]`` ``dw`` accumulator (``"kernels"``).
+      group_tokens: token tiles per program group of the ``"dlogits"`` kernel
+        (L2 reuse, as ``GROUP_M`` in Triton's matmul tutorial).
+      interpret: run the kernels in Pallas interpret mode (any backend, slow);
+        what the CPU tests use.
+    """
+
+    block_tokens: int | None = None
+    block_vocab: int | None = None
+    block_d: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    vocab_splits: int | None = None
+    backward: Literal["auto", "dlogits", "kernels"] = "auto"
+    chunk_bytes: int = 256 * 2**20
+    group_tokens: int = 8
+    interpret: bool = False
+
+    def __post_init__(self):
+        for name in ("block_tokens", "block_vocab", "block_d"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or value < 16 or not _is_pow2(value)
+            ):
+                raise ValueError(
+                    f"PallasGpuConfig.{name} must be a power of 2 >= 16 (a Triton tile size), "
+                    f"got {value!r}."
+                )
+        for name in ("num_warps", "num_stages", "vocab_splits", "chunk_bytes", "group_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"PallasGpuConfig.{name} must be a positive int, got {value!r}.")
+        if self.backward not in _BACKWARDS:
+            raise ValueError(
+                f"PallasGpuConfig.backward must be one of {_BACKWARDS}, got {self.backward!r}."
+            )
+        if not isinstance(self.interpret, bool):
+            raise TypeError(f"PallasGpuConfig.interpret must be a bool, got {self.interpret!r}.")
+
+    def resolve(self, n: int, d: int, v: int, dtype: Any) -> _Plan:
+        """Concrete tile sizes and launch parameters for an ``[n, d] @ [d, v]`` problem."""
+        kind, sm_count = _device_info()
+        itemsize = jnp.dtype(dtype).itemsize
+        bt, bv, bd, warps, stages = _default_tiles(kind, itemsize)
+        # Tiles larger than the problem only waste masked lanes.
+        bt = self.block_tokens or min(bt, max(16, pl.next_power_of_2(n)))
+        bv = self.block_vocab or min(bv, max(16, pl.next_power_of_2(v)))
+        bd = self.block_d or min(bd, max(16, pl.next_power_of_2(d)))
+        nt, nv = cdiv(n, bt), cdiv(v, bv)
+        backward = "dlogits" if self.backward == "auto" else self.backward
+        if self.vocab_splits:
+            fwd_splits = dx_splits = self.vocab_splits
+        else:
+            # Two waves of programs, and at most _L2_X_BYTES of x rows resident.
+            fwd_splits = min(
+                16, max(cdiv(2 * sm_count, nt), cdiv(sm_count * bt * d * itemsize, _L2_X_BYTES))
+            )
+            # Each dx split holds a float32 [N, D] partial: at most 256 MiB of them.
+            dx_splits = max(1, min(8, cdiv(2 * sm_count, nt), (256 * 2**20) // (4 * n * d)))
+        if backward == "dlogits":
+            chunk = max(bv, (self.chunk_bytes // (n * itemsize)) // bv * bv)
+        else:
+            chunk = max(bv, (self.chunk_bytes // (4 * d)) // bv * bv)
+        return _Plan(
+            bt=bt,
+            bv=bv,
+            bd=bd,
+            num_warps=self.num_warps or warps,
+            num_stages=self.num_stages or stages,
+            fwd=_splits(nv, fwd_splits),
+            dx=_splits(nv, dx_splits),
+            backward=backward,
+            chunk=min(chunk, v),
+            group=self.group_tokens,
+            interpret=self.interpret,
+        )
+
+
+def _splits(nv: int, splits: int) -> tuple[int, int]:
+    """(splits, vocabulary tiles per split), no split left empty."""
+    per_split = cdiv(nv, max(1, min(splits, nv)))
+    return cdiv(nv, per_split), per_split
+
+
+class _Plan(NamedTuple):
+    bt: int
+    bv: int
+    bd: int
+    num_warps: int
+    num_stages: int
+    fwd: tuple[int, int]  # forward (splits, tiles per split)
+    dx: tuple[int, int]  # dx kernel of backward="kernels" (splits, tiles per split)
+    backward: str
+    chunk: int  # vocabulary columns per backward chunk
+    group: int
+    interpret: bool
+
+
+def _device_info() -> tuple[str, int]:
+    """(device kind, streaming multiprocessors); a CPU (interpret mode) counts as 1."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return "cpu", 1
+    return dev.device_kind, int(getattr(dev, "core_count", 0) or 132)
+
+
+def _default_tiles(kind: str, itemsize: int) -> tuple[int, int, int, int, int]:
+    """(block_tokens, block_vocab, block_d, num_warps, num_stages) for a device kind.
+
+    A 128x128 float32 logits tile is 64 KiB of registers over 8 warps; with
+    ``block_d`` = 64 (bf16) three pipeline stages of both operands take 96 KiB of
+    shared memory, which fits Hopper (228 KiB) and Ampere (164 KiB).
+    """
+    kind = kind.lower()
+    bd = 64 if itemsize <= 2 else 32
+    if any(k in kind for k in ("h100", "h200", "h800", "h20", "gh200", "b200", "gb200")):
+        return 128, 128, bd, 8, 3
+    if any(k in kind for k in ("a100", "a800", "a30", "a40", "a6000", "l40", "l4")):
+        return 128, 128, bd, 8, 2
+    if kind == "cpu":  # interpret mode: bigger tiles mean fewer interpreted steps
+        return 64, 128, 64, 4, 1
+    return 64, 64, 32, 4, 2
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+class _Static(NamedTuple):
+    """Compile-time facts shared by the three kernels."""
+
+    n: int
+    d: int
+    v: int
+    bt: int
+    bv: int
+    bd: int
+    has_bias: bool
+    hp: Hyper
+    acc: Any  # accumulation dtype
+    in_dtype: Any  # x / w dtype
+    interpret: bool
+
+    @property
+    def precision(self):
+        # float32 operands: IEEE products (Triton's default would be TF32).
+        return lax.Precision.HIGHEST if jnp.dtype(self.in_dtype) == jnp.float32 else None
+
+
+def _iota(size: int) -> jax.Array:
+    return lax.iota(jnp.int32, size)
+
+
+def _fori(upper: int, body, init):
+    """``lax.fori_loop(0, upper, ...)`` with an int32 index, also under x64.
+
+    Pallas' interpreter rejects slices mixing int32 program ids with int64 indices.
+    """
+    return lax.fori_loop(
+        0, upper, lambda k, c: body(lax.convert_element_type(k, jnp.int32), c), init
+    )
+
+
+def _load(ref, mask, other):
+    if mask is None:
+        return ref[...]
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def _store(ref, value, mask):
+    if mask is None:
+        ref[...] = value
+    else:
+        plgpu.store(ref, value, mask=mask)
+
+
+def _d_slice(st: _Static, k):
+    """Start and (optional) validity mask of the ``k``-th ``block_d`` slice of D."""
+    k0 = k * st.bd
+    k_ok = None if st.d % st.bd == 0 else (k0 + _iota(st.bd)) < st.d
+    return k0, k_ok
+
+
+def _logits_tile(st: _Static, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok):
+    """Softcapped float32 logits of rows ``r0 + [0, bt)`` and columns ``c0 + [0, bv)``."""
+
+    def body(k, acc):
+        k0, k_ok = _d_slice(st, k)
+        xb = _load(
+            x_ref.at[pl.ds(r0, st.bt), pl.ds(k0, st.bd)],
+            _outer(rows_ok, k_ok, st.bt, st.bd),
+            0.0,
+        )
+        wb = _load(
+            w_ref.at[pl.ds(k0, st.bd), pl.ds(c0, st.bv)],
+            _outer(k_ok, cols_ok, st.bd, st.bv),
+            0.0,
+        )
+        return acc + lax.dot_general(
+            xb, wb, _NN, precision=st.precision, preferred_element_type=st.acc
+        )
+
+    z = _fori(cdiv(st.d, st.bd), body, jnp.zeros((st.bt, st.bv), st.acc))
+    if b_ref is not None:
+        b = _load(b_ref.at[pl.ds(c0, st.bv)], cols_ok, 0.0)
+        z = z + b.astype(st.acc)[None, :]
+    return _ce_math.softcap(z, st.hp.softcap)
+
+
+def _outer(a_ok, b_ok, na: int, nb: int):
+    """``a_ok[:, None] & b_ok[None, :]`` as an ``[na, nb]`` mask, or None if both are."""
+    if a_ok is None and b_ok is None:
+        return None
+    a = jnp.ones((na, 1), jnp.bool_) if a_ok is None else a_ok[:, None]
+    b = jnp.ones((1, nb), jnp.bool_) if b_ok is None else b_ok[None, :]
+    return a & b
+
+
+def _rows(st: _Static, i):
+    r0 = i * st.bt
+    rows_ok = None if st.n % st.bt == 0 else (r0 + _iota(st.bt)) < st.n
+    return r0, rows_ok
+
+
+def _fwd_kernel(x_ref, w_ref, *refs, st: _Static, tiles_per_split: int, nv: int):
+    if st.has_bias:
+        b_ref, lab_ref, *out_refs = refs
+    else:
+        b_ref, (lab_ref, *out_refs) = None, refs
+    split, i = pl.program_id(0), pl.program_id(1)
+    r0, rows_ok = _rows(st, i)
+    lab = _load(lab_ref.at[pl.ds(r0, st.bt)], rows_ok, -1)
+    acc = st.acc
+    # Splits past the last vocabulary tile (when nv % tiles_per_split != 0) see all
+    # columns masked; checking `< v` covers them as well as the partial last tile.
+    check_cols = st.v % st.bv != 0 or nv % tiles_per_split != 0
+
+    def body(jj, carry):
+        m, l, lab_logit, ssum, best, arg = carry
+        c0 = (split * tiles_per_split + jj) * st.bv
+        cols = c0 + _iota(st.bv)
+        cols_ok = (cols < st.v) if check_cols else None
+        s = _logits_tile(st, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok)
+        if cols_ok is not None:
+            s = jnp.where(cols_ok[None, :], s, -jnp.inf)
+        bm = jnp.max(s, axis=1)
+        shift = jnp.where(jnp.isneginf(bm), 0.0, bm)
+        m, l = _ce_math.lse_combine(m, l, bm, jnp.sum(jnp.exp(s - shift[:, None]), axis=1))
+        is_label = lab[:, None] == cols[None, :]
+        if cols_ok is not None:
+            is_label = is_label & cols_ok[None, :]
+        lab_logit = lab_logit + jnp.sum(jnp.where(is_label, s, 0.0), axis=1)
+        if st.hp.need_sum:
+            finite = s if cols_ok is None else jnp.where(cols_ok[None, :], s, 0.0)
+            ssum = ssum + jnp.sum(finite, axis=1)
+        barg = lax.argmax(s, 1, jnp.int32) + c0
+        take = bm > best
+        return m, l, lab_logit, ssum, jnp.maximum(best, bm), jnp.where(take, barg, arg)
+
+    init = (
+        jnp.full((st.bt,), -jnp.inf, acc),
+        jnp.zeros((st.bt,), acc),
+        jnp.zeros((st.bt,), acc),
+        jnp.zeros((st.bt,), acc),
+        jnp.full((st.bt,), -jnp.inf, acc),
+        jnp.zeros((st.bt,), jnp.int32),
+    )
+    out = _fori(tiles_per_split, body, init)
+    base = split * st.n + r0
+    for ref, val in zip(out_refs, out, strict=True):
+        _store(ref.at[pl.ds(base, st.bt)], val, rows_ok)
+
+
+def _row_inputs(st: _Static, row_refs, r0, rows_ok):
+    """Loads a tile's (label, include, lse, g_lse, g_label, g_sum) rows."""
+    lab_ref, ok_ref, lse_ref, gl_ref, gy_ref, gs_ref = row_refs
+    sl = pl.ds(r0, st.bt)
+    lab = _load(lab_ref.at[sl], rows_ok, -1)
+    ok = _load(ok_ref.at[sl], rows_ok, 0) != 0
+    lse = _load(lse_ref.at[sl], rows_ok, 0.0)
+    g_lse = _load(gl_ref.at[sl], rows_ok, 0.0)
+    g_lab = _load(gy_ref.at[sl], rows_ok, 0.0)
+    g_sum = _load(gs_ref.at[sl], rows_ok, 0.0) if st.hp.need_sum else None
+    return lab, ok, lse, g_lse, g_lab, g_sum
+
+
+def _dlogits(st: _Static, s, cols, cols_ok, rows):
+    """float32 gradient w.r.t. a tile's raw logits; 0 on excluded rows / columns."""
+    lab, ok, lse, g_lse, g_lab, g_sum = rows
+    dl = _ce_math.stats_grad(
+        s,
+        lse[:, None],
+        lab[:, None] == cols[None, :],
+        g_lse[:, None],
+        g_lab[:, None],
+        0.0 if g_sum is None else g_sum[:, None],
+        cap=st.hp.softcap,
+    )
+    # `where`, not a product: an excluded row may hold NaN/Inf logits.
+    keep = ok[:, None] if cols_ok is None else ok[:, None] & cols_ok[None, :]
+    return jnp.where(keep, dl, 0.0)
+
+
+def _dx_kernel(x_ref, w_ref, *refs, st: _Static, tiles_per_split: int, nv: int):
+    if st.has_bias:
+        b_ref, *refs = refs
+    else:
+        b_ref = None
+    *row_refs, dx_ref = refs
+    split, i = pl.program_id(0), pl.program_id(1)
+    r0, rows_ok = _rows(st, i)
+    rows = _row_inputs(st, row_refs, r0, rows_ok)
+    base = split * st.n + r0
+    nk = cdiv(st.d, st.bd)
+    check_cols = st.v % st.bv != 0 or nv % tiles_per_split != 0
+
+    def zero(k, carry):
+        k0, k_ok = _d_slice(st, k)
+        _store(
+            dx_ref.at[pl.ds(base, st.bt), pl.ds(k0, st.bd)],
+            jnp.zeros((st.bt, st.bd), st.acc),
+            _outer(rows_ok, k_ok, st.bt, st.bd),
+        )
+        return carry
+
+    _fori(nk, zero, 0)
+
+    def v_body(jj, carry):
+        c0 = (split * tiles_per_split + jj) * st.bv
+        cols = c0 + _iota(st.bv)
+        cols_ok = (cols < st.v) if check_cols else None
+        s = _logits_tile(st, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok)
+        dl = _dlogits(st, s, cols, cols_ok, rows).astype(st.in_dtype)
+
+        def k_body(k, carry):
+            k0, k_ok = _d_slice(st, k)
+            wb = _load(
+                w_ref.at[pl.ds(k0, st.bd), pl.ds(c0, st.bv)],
+                _outer(k_ok, cols_ok, st.bd, st.bv),
+                0.0,
+            )
+            upd = lax.dot_general(
+                dl, wb, _NT, precision=st.precision, preferred_element_type=st.acc
+            )
+            ref = dx_ref.at[pl.ds(base, st.bt), pl.ds(k0, st.bd)]
+            mask = _outer(rows_ok, k_ok, st.bt, st.bd)
+            _store(ref, _load(ref, mask, 0.0) + upd, mask)
+            return carry
+
+        _fori(nk, k_body, 0)
+        if not st.interpret:
+            # The next vocabulary tile re-reads these dx slices; order the threads.
+            plgpu.debug_barrier()
+        return carry
+
+    _fori(tiles_per_split, v_body, 0)
+
+
+def _dw_kernel(x_ref, w_ref, *refs, st: _Static, chunk: int):
+    if st.has_bias:
+        b_ref, *refs = refs
+    else:
+        b_ref = None
+    col0_ref, *row_refs, dw_ref, db_ref = refs
+    j = pl.program_id(0)
+    lc0 = j * st.bv  # column offset inside the chunk
+    col0 = col0_ref[0]
+    lcols = lc0 + _iota(st.bv)
+    cols_ok = (lcols < chunk) if chunk % st.bv != 0 else None
+    c0 = col0 + lc0
+    cols = c0 + _iota(st.bv)
+    nk = cdiv(st.d, st.bd)
+    nt = cdiv(st.n, st.bt)
+
+    def zero(k, carry):
+        k0, k_ok = _d_slice(st, k)
+        _store(
+            dw_ref.at[pl.ds(k0, st.bd), pl.ds(lc0, st.bv)],
+            jnp.zeros((st.bd, st.bv), st.acc),
+            _outer(k_ok, cols_ok, st.bd, st.bv),
+        )
+        return carry
+
+    _fori(nk, zero, 0)
+
+    def t_body(i, db):
+        r0, rows_ok = _rows(st, i)
+        rows = _row_inputs(st, row_refs, r0, rows_ok)
+        ok = rows[1] if rows_ok is None else rows[1] & rows_ok
+        s = _logits_tile(st, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok)
+        dl = _dlogits(st, s, cols, cols_ok, rows)
+        dl_c = dl.astype(st.in_dtype)
+
+        def k_body(k, carry):
+            k0, k_ok = _d_slice(st, k)
+            # Excluded rows are zeroed: 0 * NaN in the product would poison dw.
+            xb = _load(
+                x_ref.at[pl.ds(r0, st.bt), pl.ds(k0, st.bd)],
+                _outer(ok, k_ok, st.bt, st.bd),
+                0.0,
+            )
+            upd = lax.dot_general(
+                xb, dl_c, _TN, precision=st.precision, preferred_element_type=st.acc
+            )
+            ref = dw_ref.at[pl.ds(k0, st.bd), pl.ds(lc0, st.bv)]
+            mask = _outer(k_ok, cols_ok, st.bd, st.bv)
+            _store(ref, _load(ref, mask, 0.0) + upd, mask)
+            return carry
+
+        _fori(nk, k_body, 0)
+        if not st.interpret:
+            plgpu.debug_barrier()
+        return db + jnp.sum(dl, axis=0)
+
+    db = _fori(nt, t_body, jnp.zeros((st.bv,), st.acc))
+    _store(db_ref.at[pl.ds(lc0, st.bv)], db, cols_ok)
+
+
+def _swizzle(pid, n_rows: int, n_cols: int, group: int):
+    """Tile (row, column) of program ``pid``, programs ordered in groups of ``group``
+    row tiles that sweep the columns together (neighbours share tiles in L2)."""
+    # Python ints stay weakly typed: int32 arithmetic also under x64.
+    per_group = group * n_cols
+    first = (pid // per_group) * group
+    size = jnp.minimum(n_rows - first, group)
+    within = pid % per_group
+    return first + within % size, within // size
+
+
+def _dlogits_kernel(x_ref, w_ref, *refs, st: _Static, chunk: int, group: int):
+    if st.has_bias:
+        b_ref, *refs = refs
+    else:
+        b_ref = None
+    cols_ref, *row_refs, dl_ref, db_ref = refs
+    nt = cdiv(st.n, st.bt)
+    i, j = _swizzle(pl.program_id(0), nt, cdiv(chunk, st.bv), group)
+    r0, rows_ok = _rows(st, i)
+    rows = _row_inputs(st, row_refs, r0, rows_ok)
+    # Chunk c covers columns [start, start + chunk); when the last chunk is shifted
+    # back to end at V, the columns before `fresh` belong to its predecessor.
+    start, fresh = cols_ref[0], cols_ref[1]
+    lc0 = j * st.bv
+    lcols = lc0 + _iota(st.bv)
+    in_chunk = (lcols < chunk) if chunk % st.bv != 0 else None
+    cols = start + lcols
+    s = _logits_tile(st, x_ref, w_ref, b_ref, r0, start + lc0, rows_ok, in_chunk)
+    dl = _dlogits(
+        st, s, cols, cols >= fresh if in_chunk is None else in_chunk & (cols >= fresh), rows
+    )
+    _store(
+        dl_ref.at[pl.ds(r0, st.bt), pl.ds(lc0, st.bv)],
+        dl.astype(dl_ref.dtype),
+        _outer(rows_ok, in_chunk, st.bt, st.bv),
+    )
+    _store(db_ref.at[pl.ds(i * chunk + lc0, st.bv)], jnp.sum(dl, axis=0), in_chunk)
+
+
+# --------------------------------------------------------------------------------------
+# pallas_call wrappers
+# --------------------------------------------------------------------------------------
+
+
+def _static(x, w, bias, hp: Hyper, plan: _Plan) -> _Static:
+    n, d = x.shape
+    return _Static(
+        n=n,
+        d=d,
+        v=w.shape[1],
+        bt=plan.bt,
+        bv=plan.bv,
+        bd=plan.bd,
+        has_bias=bias is not None,
+        hp=hp,
+        acc=_ce_math.acc_dtype(x.dtype),
+        in_dtype=x.dtype,
+        interpret=plan.interpret,
+    )
+
+
+def _call(kernel, plan: _Plan, grid, out_shape, name: str):
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        out_shape=out_shape,
+        interpret=plan.interpret,
+        name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
+    )
+
+
+def _forward(x, w, bias, labels, hp: Hyper, plan: _Plan) -> TokenStats:
+    st = _static(x, w, bias, hp, plan)
+    n, v = st.n, st.v
+    nt, nv = cdiv(n, st.bt), cdiv(v, st.bv)
+    splits, per_split = plan.fwd
+    rows = (splits * n,)
+    out_shape = [jax.ShapeDtypeStruct(rows, st.acc)] * 5 + [jax.ShapeDtypeStruct(rows, jnp.int32)]
+    kernel = functools.partial(_fwd_kernel, st=st, tiles_per_split=per_split, nv=nv)
+    args = (x, w) + (() if bias is None else (bias,)) + (labels,)
+    parts = _call(kernel, plan, (splits, nt), out_shape, "fusedloss_lce_fwd")(*args)
+    m, l, lab_logit, ssum, best, arg = (p.reshape(splits, n) for p in parts)
+    return _combine_splits(m, l, lab_logit, ssum, best, arg)
+
+
+def _combine_splits(m, l, lab_logit, ssum, best, arg) -> TokenStats:
+    """Merges the per-split statistics ``[splits, N]`` into per-token ones."""
+    mt, lt = m[0], l[0]
+    for k in range(1, m.shape[0]):
+        mt, lt = _ce_math.lse_combine(mt, lt, m[k], l[k])
+    # The first split holding the maximum wins, as jnp.argmax picks the first column.
+    which = jnp.argmax(best, axis=0)
+    return TokenStats(
+        lse=_ce_math.lse_finalize(mt, lt),
+        label_logit=jnp.sum(lab_logit, axis=0),
+        sum_logits=jnp.sum(ssum, axis=0),
+        max_logit=jnp.max(best, axis=0),
+        argmax=jnp.take_along_axis(arg, which[None, :], axis=0)[0],
+    )
+
+
+def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
+    st = _static(x, w, bias, hp, plan)
+    g_lse, g_lab, g_sum = (jnp.where(valid, c.astype(st.acc), 0.0) for c in cts)
+    # Excluded rows: lse may be NaN/Inf there; their gradient is zeroed in-kernel.
+    lse = jnp.where(valid, lse, 0.0)
+    row_args = (labels, valid.astype(jnp.int32), lse, g_lse, g_lab, g_sum)
+    head = (x, w) + (() if bias is None else (bias,))
+    if plan.backward == "dlogits":
+        return _backward_dlogits(st, plan, x, w, bias, valid, head, row_args)
+    return _backward_kernels(st, plan, x, w, bias, head, row_args)
+
+
+def _over_chunks(v: int, chunk: int, chunk_grads, init):
+    """Folds ``chunk_grads(start, fresh, carry)`` over the vocabulary in chunks.
+
+    The last chunk is shifted back to end at ``v`` (nothing is padded); its columns
+    before ``fresh`` were already done by its predecessor.
+    """
+    num = cdiv(v, chunk)
+    if num == 1:
+        return chunk_grads(jnp.int32(0), jnp.int32(0), init)
+
+    def body(c, carry):
+        nominal = c * chunk
+        return chunk_grads(jnp.minimum(nominal, v - chunk), nominal, carry)
+
+    return _fori(num, body, init)
+
+
+def _put_columns(buf, new, start, fresh):
+    """``buf[:, start:start + k] = new`` (``buf[start:...]`` if 1-D) for columns >= fresh."""
+    axis = buf.ndim - 1
+    k = new.shape[axis]
+    keep = (start + lax.iota(jnp.int32, k)) >= fresh
+    old = lax.dynamic_slice_in_dim(buf, start, k, axis=axis)
+    return lax.dynamic_update_slice_in_dim(
+        buf, jnp.where(keep, new.astype(buf.dtype), old), start, axis
+    )
+
+
+def _backward_dlogits(st: _Static, plan: _Plan, x, w, bias, valid, head, row_args):
+    n, d, v, chunk = st.n, st.d, st.v, plan.chunk
+    nt = cdiv(n, st.bt)
+    dl_call = _call(
+        functools.partial(_dlogits_kernel, st=st, chunk=chunk, group=plan.group),
+        plan,
+        (nt * cdiv(chunk, st.bv),),
+        [jax.ShapeDtypeStruct((n, chunk), x.dtype), jax.ShapeDtypeStruct((nt * chunk,), st.acc)],
+        "fusedloss_lce_bwd_dlogits",
+    )
+    # Excluded rows may hold NaN; a zero logits gradient does not cancel NaN * 0.
+    xz = jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
+    dims = dict(precision=st.precision, preferred_element_type=st.acc)
+
+    def chunk_grads(start, fresh, carry):
+        dx, dw, db = carry
+        dl, db_parts = dl_call(*head, jnp.stack([start, fresh]).astype(jnp.int32), *row_args)
+        w_c = lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
+        dx = dx + lax.dot_general(dl, w_c, _NT, **dims)
+        dw = _put_columns(dw, lax.dot_general(xz, dl, _TN, **dims), start, fresh)
+        if db is not None:
+            db = _put_columns(db, jnp.sum(db_parts.reshape(nt, chunk), axis=0), start, fresh)
+        return dx, dw, db
+
+    init = (
+        jnp.zeros((n, d), st.acc),
+        jnp.zeros_like(w),
+        None if bias is None else jnp.zeros_like(bias),
+    )
+    dx, dw, db = _over_chunks(v, chunk, chunk_grads, init)
+    return dx.astype(x.dtype), dw, db
+
+
+def _backward_kernels(st: _Static, plan: _Plan, x, w, bias, head, row_args):
+    n, d, v, chunk = st.n, st.d, st.v, plan.chunk
+    nt, nv = cdiv(n, st.bt), cdiv(v, st.bv)
+    splits, per_split = plan.dx
+    dx_parts = _call(
+        functools.partial(_dx_kernel, st=st, tiles_per_split=per_split, nv=nv),
+        plan,
+        (splits, nt),
+        jax.ShapeDtypeStruct((splits * n, d), st.acc),
+        "fusedloss_lce_bwd_dx",
+    )(*head, *row_args)
+    dx = jnp.sum(dx_parts.reshape(splits, n, d), axis=0).astype(x.dtype)
+
+    dw_call = _call(
+        functools.partial(_dw_kernel, st=st, chunk=chunk),
+        plan,
+        (cdiv(chunk, st.bv),),
+        [jax.ShapeDtypeStruct((d, chunk), st.acc), jax.ShapeDtypeStruct((chunk,), st.acc)],
+        "fusedloss_lce_bwd_dw",
+    )
+
+    def chunk_grads(start, fresh, carry):
+        dw, db = carry
+        dw32, db32 = dw_call(*head, jnp.reshape(start, (1,)).astype(jnp.int32), *row_args)
+        dw = _put_columns(dw, dw32, start, fresh)
+        if db is not None:
+            db = _put_columns(db, db32, start, fresh)
+        return dw, db
+
+    init = (jnp.zeros_like(w), None if bias is None else jnp.zeros_like(bias))
+    dw, db = _over_chunks(v, chunk, chunk_grads, init)
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------
+# differentiable statistics core (same contract as xla.chunked_stats)
+# --------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def pallas_gpu_stats(x, w, bias, labels, valid, vocab_offset, hp: Hyper, plan: _Plan):
+    """Per-token statistics over ``w``'s columns, differentiable, never ``[N, V]``.
+
+    ``labels`` are global ids; ``w``'s column ``j`` is vocabulary id
+    ``vocab_offset + j``.
+    """
+    return _stats_fwd(x, w, bias, labels, valid, vocab_offset, hp, plan)[0]
+
+
+def _stats_fwd(x, w, bias, labels, valid, vocab_offset, hp, plan):
+    offset = jnp.asarray(vocab_offset, jnp.int32)
+    local = labels.astype(jnp.int32) - offset
+    stats = _forward(x, w, bias, local, hp, plan)
+    stats = stats._replace(argmax=stats.argmax + offset)
+    return stats, (x, w, bias, local, valid, stats.lse)
+
+
+def _stats_bwd(hp, plan, res, ct):
+    x, w, bias, local, valid, lse = res
+    cts = (ct.lse, ct.label_logit, ct.sum_logits)
+    dx, dw, db = _backward(x, w, bias, local, valid, lse, cts, hp, plan)
+    return dx, dw, db, None, None, None
+
+
+pallas_gpu_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+def _check_supported(x, config: PallasGpuConfig) -> None:
+    if not config.interpret and jax.default_backend() != "gpu":
+        raise NotImplementedError(
+            f"pallas_gpu needs a GPU backend; the default backend is {jax.default_backend()!r} "
+            "(use PallasGpuConfig(interpret=True) to interpret the kernels)."
+        )
+    if jnp.dtype(x.dtype).name not in _SUPPORTED_DTYPES and not config.interpret:
+        raise NotImplementedError(
+            f"pallas_gpu supports {_SUPPORTED_DTYPES} inputs, got {jnp.dtype(x.dtype).name}."
+        )
+    if x.shape[0] == 0:
+        raise NotImplementedError("pallas_gpu needs at least one token.")
+
+
+def linear_cross_entropy_pallas_gpu(
+    x, w, bias, labels, valid, coef, *, hp: Hyper, per_token: bool, config
+) -> ImplOutput:
+    config = PallasGpuConfig() if config is None else config
+    if not isinstance(config, PallasGpuConfig):
+        raise TypeError(
+            f"`config` for implementation 'pallas_gpu' must be a PallasGpuConfig, got {config!r}."
+        )
+    _check_supported(x, config)
+    n, d = x.shape
+    v = w.shape[1]
+    plan = config.resolve(n, d, v, x.dtype)
+    with jax.named_scope("fusedloss_lce_pallas_gpu"):
+        stats = pallas_gpu_stats(x, w, bias, labels, valid, jnp.int32(0), hp, plan)
+        return loss_from_stats(stats, labels, valid, coef, hp, v, per_token)
+
+
+api.register_implementation("pallas_gpu", linear_cross_entropy_pallas_gpu, PallasGpuConfig)

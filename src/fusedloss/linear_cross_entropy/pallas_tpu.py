@@ -1,0 +1,504 @@
+"""Pallas (Mosaic TPU) kernels for ``linear_cross_entropy``.
+
+The ``recompute`` strategy of :mod:`.xla` as three kernels. VMEM (16-128 MiB) holds
+a whole ``[block, D]`` accumulator, so unlike on GPUs every accumulation stays on
+chip and each kernel is a plain two-dimensional grid whose inner ("arbitrary") axis
+is the reduction:
+
+``forward``  grid ``(token tiles, vocab tiles)``
+    ``x[rows] @ w[:, cols]`` on the MXU (all of ``D`` at once, float32
+    accumulation), softcapped, folded into per-row running statistics (online
+    log-sum-exp, label logit, logit sum, max and argmax) kept in VMEM scratch; the
+    last vocabulary tile writes them out.
+``dx``  grid ``(token tiles, vocab tiles)``
+    Recomputes the logits tile, pulls the cotangents of (lse, label logit, logit
+    sum) back with :func:`fusedloss._ce_math.stats_grad` and accumulates
+    ``dlogits @ w[:, cols].T`` into a float32 ``[block_tokens, D]`` scratch.
+``dw``  grid ``(vocab tiles, token tiles)``
+    The transpose: accumulates ``dlogits.T @ x[rows]`` into a float32
+    ``[block_vocab, D]`` scratch (``dw`` transposed, so the per-step transpose is of
+    the small logits tile, not of ``x``) and ``dlogits.sum(0)`` into ``dbias``.
+
+The token axis of the first two and the vocabulary axis of ``dw`` are "parallel"
+(split across the TensorCores of a megacore chip). Partial edge blocks are read
+with unspecified contents past the array end, so every such row/column is masked
+with ``where`` (never a product: the padding may be NaN) before it can reach a
+reduction; writes past the end are dropped by Pallas.
+
+On CPU the kernels run with ``PallasTpuConfig(interpret=True)`` (Pallas' generic
+interpreter) or ``interpret=pltpu.InterpretParams(...)`` (the TPU-faithful
+interpreter); without either, a non-TPU backend raises :class:`NotImplementedError`
+so that ``implementation=None`` falls back to ``xla``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from fusedloss import _ce_math
+from fusedloss.linear_cross_entropy import api
+from fusedloss.linear_cross_entropy._common import (
+    Hyper,
+    ImplOutput,
+    TokenStats,
+    cdiv,
+    loss_from_stats,
+)
+
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+_VMEM_BUDGET = 48 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTpuConfig:
+    """Tuning knobs of the ``pallas_tpu`` implementation.
+
+    Attributes:
+      block_tokens: rows per tile; on a TPU a multiple of 8 (16 for 16-bit inputs)
+        or all tokens. Default: 256, or all tokens if fewer.
+      block_vocab: columns per tile; on a TPU a multiple of 128 or the whole
+        vocabulary. Default: 512 (256 for ``D`` > 4096), shrunk until the kernels'
+        VMEM estimate fits 48 MiB.
+      vmem_limit_bytes: Mosaic's scoped-VMEM limit (default: from the estimate).
+      interpret: False, True (Pallas' generic interpreter, any backend) or a
+        ``jax.experimental.pallas.tpu.InterpretParams`` (the TPU interpreter).
+    """
+
+    block_tokens: int | None = None
+    block_vocab: int | None = None
+    vmem_limit_bytes: int | None = None
+    interpret: Any = False
+
+    def __post_init__(self):
+        for name in ("block_tokens", "block_vocab", "vmem_limit_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"PallasTpuConfig.{name} must be a positive int, got {value!r}.")
+        if not isinstance(self.interpret, bool | pltpu.InterpretParams):
+            raise TypeError(
+                "PallasTpuConfig.interpret must be a bool or a pltpu.InterpretParams, "
+                f"got {self.interpret!r}."
+            )
+
+    def resolve(self, n: int, d: int, v: int, dtype: Any) -> _Plan:
+        """Concrete tile sizes for an ``[n, d] @ [d, v]`` problem."""
+        itemsize = jnp.dtype(dtype).itemsize
+        bt = self.block_tokens or 256
+        bv = self.block_vocab or (512 if d <= 4096 else 256)
+        if self.block_vocab is None:
+            while bv > 128 and _vmem_estimate(bt, bv, d, itemsize) > _VMEM_BUDGET:
+                bv //= 2
+        if self.block_tokens is None:
+            while bt > 16 and _vmem_estimate(bt, bv, d, itemsize) > _VMEM_BUDGET:
+                bt //= 2
+        # A block covering the whole axis is always a legal block shape.
+        bt, bv = min(bt, n), min(bv, v)
+        if not self.interpret:
+            sub = 8 * max(1, 4 // itemsize)
+            if bt != n and bt % sub:
+                raise ValueError(
+                    f"PallasTpuConfig.block_tokens must be a multiple of {sub} for "
+                    f"{jnp.dtype(dtype).name} inputs (or >= the token count), got {bt}."
+                )
+            if bv != v and bv % 128:
+                raise ValueError(
+                    "PallasTpuConfig.block_vocab must be a multiple of 128 (or >= the "
+                    f"vocabulary size), got {bv}."
+                )
+        est = _vmem_estimate(bt, bv, d, itemsize)
+        limit = self.vmem_limit_bytes or min(max(32 * 2**20, est + est // 2), 100 * 2**20)
+        return _Plan(bt=bt, bv=bv, vmem_limit_bytes=limit, interpret=self.interpret)
+
+
+class _Plan(NamedTuple):
+    bt: int
+    bv: int
+    vmem_limit_bytes: int
+    interpret: Any
+
+
+def _vmem_estimate(bt: int, bv: int, d: int, itemsize: int) -> int:
+    """VMEM bytes of the largest kernel (dw): double-buffered x, w and dw blocks,
+    the float32 ``[bv, D]`` accumulator and a few float32 logits-sized temporaries."""
+    return 2 * itemsize * (bt * d + 2 * d * bv) + 4 * bv * d + 4 * 4 * bt * bv
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+class _Static(NamedTuple):
+    n: int
+    d: int
+    v: int
+    bt: int
+    bv: int
+    has_bias: bool
+    hp: Hyper
+    acc: Any
+    in_dtype: Any
+
+    @property
+    def precision(self):
+        return lax.Precision.HIGHEST if jnp.dtype(self.in_dtype) == jnp.float32 else None
+
+
+def _row_ok(st: _Static, i):
+    """[bt, 1] rows inside the array, or None when every tile is full."""
+    if st.n % st.bt == 0:
+        return None
+    return (i * st.bt + lax.broadcasted_iota(jnp.int32, (st.bt, 1), 0)) < st.n
+
+
+def _cols(st: _Static, j):
+    """([1, bv] column ids, [1, bv] columns inside the array or None)."""
+    cols = j * st.bv + lax.broadcasted_iota(jnp.int32, (1, st.bv), 1)
+    return cols, (None if st.v % st.bv == 0 else cols < st.v)
+
+
+def _logits(st: _Static, x, w, b_ref):
+    z = lax.dot_general(x, w, _NN, precision=st.precision, preferred_element_type=st.acc)
+    if b_ref is not None:
+        z = z + b_ref[...].astype(st.acc)
+    return _ce_math.softcap(z, st.hp.softcap)
+
+
+def _fwd_kernel(x_ref, w_ref, *refs, st: _Static):
+    if st.has_bias:
+        b_ref, lab_ref, *refs = refs
+    else:
+        b_ref, (lab_ref, *refs) = None, refs
+    outs, scratch = refs[:5], refs[5:]
+    m_sc, l_sc, y_sc, s_sc, best_sc, arg_sc = scratch
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, st.acc)
+        l_sc[...] = jnp.zeros(l_sc.shape, st.acc)
+        y_sc[...] = jnp.zeros(y_sc.shape, st.acc)
+        s_sc[...] = jnp.zeros(s_sc.shape, st.acc)
+        best_sc[...] = jnp.full(best_sc.shape, -jnp.inf, st.acc)
+        arg_sc[...] = jnp.zeros(arg_sc.shape, jnp.int32)
+
+    cols, cols_ok = _cols(st, j)
+    s = _logits(st, x_ref[...], w_ref[...], b_ref)
+    if cols_ok is not None:
+        s = jnp.where(cols_ok, s, -jnp.inf)
+    bm = jnp.max(s, axis=1, keepdims=True)
+    shift = jnp.where(jnp.isneginf(bm), 0.0, bm)
+    m, l = _ce_math.lse_combine(
+        m_sc[...], l_sc[...], bm, jnp.sum(jnp.exp(s - shift), axis=1, keepdims=True)
+    )
+    m_sc[...], l_sc[...] = m, l
+    is_label = lab_ref[...] == cols
+    if cols_ok is not None:
+        is_label = is_label & cols_ok
+    y_sc[...] += jnp.sum(jnp.where(is_label, s, 0.0), axis=1, keepdims=True)
+    if st.hp.need_sum:
+        finite = s if cols_ok is None else jnp.where(cols_ok, s, 0.0)
+        s_sc[...] += jnp.sum(finite, axis=1, keepdims=True)
+    # First column holding the maximum (as jnp.argmax), found with a float min
+    # (exact below 2**24 columns) because integer lane reductions are not universal.
+    colf = cols.astype(jnp.float32)
+    first = jnp.min(jnp.where(s == bm, colf, jnp.inf), axis=1, keepdims=True)
+    first = jnp.where(first < jnp.inf, first, colf[:, :1]).astype(jnp.int32)
+    take = bm > best_sc[...]
+    best_sc[...] = jnp.maximum(best_sc[...], bm)
+    arg_sc[...] = jnp.where(take, first, arg_sc[...])
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _finish():
+        lse_ref, lab_out, sum_out, max_out, arg_out = outs[:5]
+        lse_ref[...] = _ce_math.lse_finalize(m_sc[...], l_sc[...])
+        lab_out[...] = y_sc[...]
+        sum_out[...] = s_sc[...]
+        max_out[...] = best_sc[...]
+        arg_out[...] = arg_sc[...]
+
+
+def _dlogits(st: _Static, s, cols, cols_ok, row_refs, rows_ok):
+    """float32 gradient w.r.t. a tile's raw logits; 0 on excluded rows / columns."""
+    lab_ref, ok_ref, lse_ref, gl_ref, gy_ref, gs_ref = row_refs
+    dl = _ce_math.stats_grad(
+        s,
+        lse_ref[...],
+        lab_ref[...] == cols,
+        gl_ref[...],
+        gy_ref[...],
+        gs_ref[...] if st.hp.need_sum else 0.0,
+        cap=st.hp.softcap,
+    )
+    keep = ok_ref[...] != 0
+    if rows_ok is not None:
+        keep = keep & rows_ok
+    if cols_ok is not None:
+        keep = keep & cols_ok
+    return jnp.where(keep, dl, 0.0)
+
+
+def _dx_kernel(x_ref, w_ref, *refs, st: _Static):
+    if st.has_bias:
+        b_ref, *refs = refs
+    else:
+        b_ref = None
+    *row_refs, dx_ref, acc_sc = refs
+    i, j = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        acc_sc[...] = jnp.zeros(acc_sc.shape, st.acc)
+
+    cols, cols_ok = _cols(st, j)
+    w = w_ref[...]
+    s = _logits(st, x_ref[...], w, b_ref)
+    dl = _dlogits(st, s, cols, cols_ok, row_refs, _row_ok(st, i))
+    if cols_ok is not None:
+        w = jnp.where(cols_ok, w, jnp.zeros((), w.dtype))  # the edge block's padding
+    acc_sc[...] += lax.dot_general(
+        dl.astype(st.in_dtype), w, _NT, precision=st.precision, preferred_element_type=st.acc
+    )
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _finish():
+        dx_ref[...] = acc_sc[...].astype(dx_ref.dtype)
+
+
+def _dw_kernel(x_ref, w_ref, *refs, st: _Static):
+    if st.has_bias:
+        b_ref, *refs = refs
+    else:
+        b_ref = None
+    *row_refs, dw_ref, db_ref, acc_sc, db_sc = refs
+    j, i = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(i == 0)
+    def _init():
+        acc_sc[...] = jnp.zeros(acc_sc.shape, st.acc)
+        db_sc[...] = jnp.zeros(db_sc.shape, st.acc)
+
+    cols, cols_ok = _cols(st, j)
+    x = x_ref[...]
+    s = _logits(st, x, w_ref[...], b_ref)
+    rows_ok = _row_ok(st, i)
+    dl = _dlogits(st, s, cols, cols_ok, row_refs, rows_ok)
+    # Excluded and padding rows of x are zeroed: 0 * NaN would poison dw.
+    keep_rows = row_refs[1][...] != 0
+    if rows_ok is not None:
+        keep_rows = keep_rows & rows_ok
+    x = jnp.where(keep_rows, x, jnp.zeros((), x.dtype))
+    acc_sc[...] += lax.dot_general(
+        dl.T.astype(st.in_dtype), x, _NN, precision=st.precision, preferred_element_type=st.acc
+    )
+    db_sc[...] += jnp.sum(dl, axis=0, keepdims=True)
+
+    @pl.when(i == pl.num_programs(1) - 1)
+    def _finish():
+        dw_ref[...] = acc_sc[...].T.astype(dw_ref.dtype)
+        db_ref[...] = db_sc[...].astype(db_ref.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# pallas_call wrappers
+# --------------------------------------------------------------------------------------
+
+
+def _static(x, w, bias, hp: Hyper, plan: _Plan) -> _Static:
+    n, d = x.shape
+    return _Static(
+        n=n,
+        d=d,
+        v=w.shape[1],
+        bt=plan.bt,
+        bv=plan.bv,
+        has_bias=bias is not None,
+        hp=hp,
+        acc=_ce_math.acc_dtype(x.dtype),
+        in_dtype=x.dtype,
+    )
+
+
+def _call(kernel, plan: _Plan, grid, in_specs, out_specs, out_shape, scratch, semantics, name):
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=scratch,
+        interpret=plan.interpret,
+        name=name,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=semantics, vmem_limit_bytes=plan.vmem_limit_bytes
+        ),
+    )
+
+
+def _specs(st: _Static, token_axis: int):
+    """Block specs of x, w, bias and a per-row [N, 1] array for a 2-D grid whose
+    token index is grid axis ``token_axis`` (the vocabulary index is the other)."""
+
+    def idx(*g):
+        return g[token_axis], g[1 - token_axis]
+
+    x_spec = pl.BlockSpec((st.bt, st.d), lambda *g: (idx(*g)[0], 0))
+    w_spec = pl.BlockSpec((st.d, st.bv), lambda *g: (0, idx(*g)[1]))
+    b_spec = pl.BlockSpec((1, st.bv), lambda *g: (0, idx(*g)[1]))
+    row_spec = pl.BlockSpec((st.bt, 1), lambda *g: (idx(*g)[0], 0))
+    return x_spec, w_spec, b_spec, row_spec
+
+
+def _head(x, w, bias, st: _Static, token_axis: int):
+    x_spec, w_spec, b_spec, row_spec = _specs(st, token_axis)
+    args, specs = [x, w], [x_spec, w_spec]
+    if bias is not None:
+        args.append(bias.reshape(1, st.v))
+        specs.append(b_spec)
+    return args, specs, row_spec
+
+
+def _forward(x, w, bias, labels, hp: Hyper, plan: _Plan) -> TokenStats:
+    st = _static(x, w, bias, hp, plan)
+    nt, nv = cdiv(st.n, st.bt), cdiv(st.v, st.bv)
+    args, specs, row_spec = _head(x, w, bias, st, 0)
+    col = (st.n, 1)
+    out_shape = [jax.ShapeDtypeStruct(col, st.acc)] * 4 + [jax.ShapeDtypeStruct(col, jnp.int32)]
+    scratch = [pltpu.VMEM((st.bt, 1), st.acc)] * 5 + [pltpu.VMEM((st.bt, 1), jnp.int32)]
+    lse, lab_logit, ssum, best, arg = _call(
+        functools.partial(_fwd_kernel, st=st),
+        plan,
+        (nt, nv),
+        [*specs, row_spec],
+        [row_spec] * 5,
+        out_shape,
+        scratch,
+        ("parallel", "arbitrary"),
+        "fusedloss_lce_fwd",
+    )(*args, labels.reshape(col))
+    return TokenStats(
+        lse=lse[:, 0],
+        label_logit=lab_logit[:, 0],
+        sum_logits=ssum[:, 0],
+        max_logit=best[:, 0],
+        argmax=arg[:, 0],
+    )
+
+
+def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
+    st = _static(x, w, bias, hp, plan)
+    n, d, v = st.n, st.d, st.v
+    nt, nv = cdiv(n, st.bt), cdiv(v, st.bv)
+    acc = st.acc
+    g_lse, g_lab, g_sum = (jnp.where(valid, c.astype(acc), 0.0) for c in cts)
+    # Excluded rows: lse may be NaN/Inf there; their gradient is zeroed in-kernel.
+    lse = jnp.where(valid, lse, 0.0)
+    rows = [a.reshape(n, 1) for a in (labels, valid.astype(jnp.int32), lse, g_lse, g_lab, g_sum)]
+
+    args, specs, row_spec = _head(x, w, bias, st, 0)
+    dx = _call(
+        functools.partial(_dx_kernel, st=st),
+        plan,
+        (nt, nv),
+        [*specs] + [row_spec] * 6,
+        pl.BlockSpec((st.bt, d), lambda i, j: (i, 0)),
+        jax.ShapeDtypeStruct((n, d), x.dtype),
+        [pltpu.VMEM((st.bt, d), acc)],
+        ("parallel", "arbitrary"),
+        "fusedloss_lce_bwd_dx",
+    )(*args, *rows)
+
+    args, specs, row_spec = _head(x, w, bias, st, 1)
+    b_dtype = acc if bias is None else bias.dtype
+    dw, db = _call(
+        functools.partial(_dw_kernel, st=st),
+        plan,
+        (nv, nt),
+        [*specs] + [row_spec] * 6,
+        [
+            pl.BlockSpec((d, st.bv), lambda j, i: (0, j)),
+            pl.BlockSpec((1, st.bv), lambda j, i: (0, j)),
+        ],
+        [jax.ShapeDtypeStruct((d, v), w.dtype), jax.ShapeDtypeStruct((1, v), b_dtype)],
+        [pltpu.VMEM((st.bv, d), acc), pltpu.VMEM((1, st.bv), acc)],
+        ("parallel", "arbitrary"),
+        "fusedloss_lce_bwd_dw",
+    )(*args, *rows)
+    return dx, dw, None if bias is None else db[0]
+
+
+# --------------------------------------------------------------------------------------
+# differentiable statistics core (same contract as xla.chunked_stats)
+# --------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def pallas_tpu_stats(x, w, bias, labels, valid, vocab_offset, hp: Hyper, plan: _Plan):
+    """Per-token statistics over ``w``'s columns, differentiable, never ``[N, V]``.
+
+    ``labels`` are global ids; ``w``'s column ``j`` is vocabulary id
+    ``vocab_offset + j``.
+    """
+    return _stats_fwd(x, w, bias, labels, valid, vocab_offset, hp, plan)[0]
+
+
+def _stats_fwd(x, w, bias, labels, valid, vocab_offset, hp, plan):
+    offset = jnp.asarray(vocab_offset, jnp.int32)
+    local = labels.astype(jnp.int32) - offset
+    stats = _forward(x, w, bias, local, hp, plan)
+    stats = stats._replace(argmax=stats.argmax + offset)
+    return stats, (x, w, bias, local, valid, stats.lse)
+
+
+def _stats_bwd(hp, plan, res, ct):
+    x, w, bias, local, valid, lse = res
+    cts = (ct.lse, ct.label_logit, ct.sum_logits)
+    dx, dw, db = _backward(x, w, bias, local, valid, lse, cts, hp, plan)
+    return dx, dw, db, None, None, None
+
+
+pallas_tpu_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+def _check_supported(x, config: PallasTpuConfig) -> None:
+    if config.interpret is False and jax.default_backend() != "tpu":
+        raise NotImplementedError(
+            f"pallas_tpu needs a TPU backend; the default backend is {jax.default_backend()!r} "
+            "(use PallasTpuConfig(interpret=True) to interpret the kernels)."
+        )
+    if jnp.dtype(x.dtype).name not in _SUPPORTED_DTYPES and config.interpret is False:
+        raise NotImplementedError(
+            f"pallas_tpu supports {_SUPPORTED_DTYPES} inputs, got {jnp.dtype(x.dtype).name}."
+        )
+    if x.shape[0] == 0:
+        raise NotImplementedError("pallas_tpu needs at least one token.")
+
+
+def linear_cross_entropy_pallas_tpu(
+    x, w, bias, labels, valid, coef, *, hp: Hyper, per_token: bool, config
+) -> ImplOutput:
+    config = PallasTpuConfig() if config is None else config
+    if not isinstance(config, PallasTpuConfig):
+        raise TypeError(
+            f"`config` for implementation 'pallas_tpu' must be a PallasTpuConfig, got {config!r}."
+        )
+    _check_supported(x, config)
+    n, d = x.shape
+    v = w.shape[1]
+    plan = config.resolve(n, d, v, x.dtype)
+    with jax.named_scope("fusedloss_lce_pallas_tpu"):
+        stats = pallas_tpu_stats(x, w, bias, labels, valid, jnp.int32(0), hp, plan)
+        return loss_from_stats(stats, labels, valid, coef, hp, v, per_token)
+
+
+api.register_implementation("pallas_tpu", linear_cross_entropy_pallas_tpu, PallasTpuConfig)

@@ -1,0 +1,678 @@
+"""Data- and vocabulary-parallel ``linear_cross_entropy`` on a device mesh.
+
+Two entry points:
+
+:func:`vocab_parallel_linear_cross_entropy`
+    Called *inside* the user's ``jax.shard_map``: ``w`` is the device's ``[D, V/tp]``
+    column shard (global ids ``k * V/tp ...`` on the ``k``-th device of the model axis),
+    ``labels`` are global ids, and the tokens may be split over a data axis.
+
+:func:`sharded_linear_cross_entropy`
+    Takes global arrays (under ``jax.jit`` or eagerly), writes the ``shard_map``
+    for a ``data x model`` mesh and returns the same values as
+    :func:`~fusedloss.linear_cross_entropy` on one device.
+
+How the vocabulary is split: every device computes its tokens' statistics over its
+own columns with the chunked core (:func:`.xla.chunked_stats`, never a
+``[tokens, V/tp]`` buffer), then the model axis combines them::
+
+    lse         = m + log(psum(exp(lse_k - m))),  m = pmax(lse_k)  (a constant)
+    label_logit = psum(label_logit_k)             (0 on shards without the label)
+    sum_logits  = psum(sum_logits_k)              (label smoothing only)
+
+and the shared CE math (:func:`._common.loss_from_stats`) forms the loss with the
+global vocabulary size. JAX's autodiff through ``psum`` gives each shard its
+cotangents, so the gradients of ``x``, the ``w`` shard and the ``bias`` shard come
+out where they belong; nothing vocabulary-sized is ever gathered. Per device, the
+temporaries are those of a ``[tokens/dp, D] @ [D, V/tp]`` problem.
+
+A reduced loss is reduced over the whole mesh: ``"mean"`` divides the psum over the
+data axis of the weighted per-token losses by the psum of the weights, so it is the
+global weighted mean, not a mean of per-device means.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fusedloss import _ce_math, _checks
+from fusedloss.linear_cross_entropy import xla
+from fusedloss.linear_cross_entropy._common import Hyper, TokenStats, cdiv, loss_from_stats
+from fusedloss.linear_cross_entropy.api import LinearCrossEntropyAux, _static_float
+
+AxisName = str | tuple[str, ...]
+_IMPLEMENTATION = "xla"
+
+
+# --------------------------------------------------------------------------------------
+# argument checks shared by both entry points
+# --------------------------------------------------------------------------------------
+
+
+def _check_arrays(x, w, labels, bias, where, weights, bias_what: str):
+    """dtype/shape checks (the same messages as the unsharded function)."""
+    _checks.check_floating("x", x)
+    _checks.check_floating("w", w)
+    _checks.check_integer("labels", labels)
+    x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    _checks.check_ndim_at_least("x", x, 1)
+    if w.ndim != 2:
+        raise ValueError(f"`w` must have shape [D, V], got {w.shape}.")
+    if w.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"`w` must have shape [D, V] with D = x.shape[-1] = {x.shape[-1]}, got {w.shape}."
+        )
+    if w.dtype != x.dtype:
+        raise TypeError(
+            f"`x` and `w` must have the same dtype, got {x.dtype} and {w.dtype}; cast one "
+            "(e.g. `w.astype(x.dtype)` for mixed precision)."
+        )
+    _checks.check_shape("labels", labels, x.shape[:-1], "x.shape[:-1]")
+    if bias is not None:
+        _checks.check_floating("bias", bias)
+        bias = jnp.asarray(bias)
+        _checks.check_shape("bias", bias, (w.shape[1],), bias_what)
+    if where is not None:
+        _checks.check_bool("where", where)
+        where = jnp.asarray(where)
+        _checks.check_shape("where", where, labels.shape, "the shape of `labels`")
+    if weights is not None:
+        _checks.check_floating("weights", weights)
+        weights = jnp.asarray(weights)
+        _checks.check_shape("weights", weights, labels.shape, "the shape of `labels`")
+    return x, w, labels, bias, where, weights
+
+
+def _check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift, config):
+    _checks.check_reduction(reduction)
+    hp = Hyper(
+        label_smoothing=_static_float("label_smoothing", label_smoothing, 0.0, 1.0),
+        z_loss=_static_float("z_loss", z_loss, 0.0, None),
+        softcap=None
+        if logit_softcap is None
+        else _static_float("logit_softcap", logit_softcap, 0.0, None, low_inclusive=False),
+    )
+    if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
+        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    if not isinstance(shift, int | np.integer) or shift < 0:
+        raise ValueError(f"`shift` must be a non-negative int, got {shift!r}.")
+    config = xla.XlaConfig() if config is None else config
+    if not isinstance(config, xla.XlaConfig):
+        raise TypeError(
+            f"`config` for the sharded linear_cross_entropy must be an XlaConfig, "
+            f"got {type(config).__name__}."
+        )
+    if config.strategy == "grad_in_forward":
+        # Its gradient needs the global log-sum-exp while the logits are at hand.
+        raise ValueError(
+            "The sharded linear_cross_entropy runs the 'recompute' strategy; got "
+            "XlaConfig(strategy='grad_in_forward'). Use strategy='auto' or 'recompute'."
+        )
+    return hp, config
+
+
+def _check_shift(x, shift: int) -> None:
+    if shift and (x.ndim < 2 or shift >= x.shape[-2]):
+        raise ValueError(
+            f"`shift`={shift} needs `x` of shape [..., T, D] with T > shift, got {x.shape}."
+        )
+
+
+def _axes(name: AxisName | None) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    axes = (name,) if isinstance(name, str) else name
+    if not isinstance(axes, tuple) or not all(isinstance(a, str) for a in axes) or not axes:
+        raise TypeError(f"A mesh axis must be a name, a tuple of names or None, got {name!r}.")
+    return axes
+
+
+def _check_distinct(data_axis, model_axis) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    data, model = _axes(data_axis), _axes(model_axis)
+    if set(data) & set(model):
+        raise ValueError(
+            f"`data_axis`={data_axis!r} and `model_axis`={model_axis!r} must name "
+            "different mesh axes."
+        )
+    return data, model
+
+
+# --------------------------------------------------------------------------------------
+# inside shard_map
+# --------------------------------------------------------------------------------------
+
+
+def _bound_axis_size(name: str, axes: tuple[str, ...]) -> int:
+    size = 1
+    for a in axes:
+        try:
+            size *= jax.lax.axis_size(a)
+        except NameError as e:
+            raise ValueError(
+                f"`{name}`={a!r} is not a mesh axis of the enclosing `jax.shard_map`; call "
+                "this function inside shard_map (or use `sharded_linear_cross_entropy` with "
+                "global arrays)."
+            ) from e
+    return size
+
+
+def _varying(v) -> frozenset:
+    """Mesh axes over which ``v`` varies inside ``shard_map`` (empty if unchecked)."""
+    aval = jax.typeof(v)
+    vma = getattr(aval, "vma", None)  # JAX < 0.10
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", frozenset())
+    return frozenset(vma)
+
+
+def _vary(v, axes: frozenset):
+    """Marks ``v`` as varying over ``axes`` (free; transposes to a psum).
+
+    The chunked core's loops need every operand to carry the same varying axes
+    under ``check_vma=True``; without the check this is a no-op.
+    """
+    missing = tuple(sorted(axes - _varying(v)))
+    return jax.lax.pcast(v, missing, to="varying") if missing else v
+
+
+def _psum(v, axes: tuple[str, ...]):
+    # One axis at a time: a multi-axis psum rejects operands that vary over only some.
+    for a in axes:
+        v = jax.lax.psum(v, a)
+    return v
+
+
+def _pmax(v, axes: tuple[str, ...]):
+    for a in axes:
+        v = jax.lax.pmax(v, a)
+    return v
+
+
+def _pmin(v, axes: tuple[str, ...]):
+    for a in axes:
+        v = jax.lax.pmin(v, a)
+    return v
+
+
+def _empty_stats(labels) -> TokenStats:
+    f32 = jnp.float32
+    return TokenStats(
+        lse=jnp.full_like(labels, -jnp.inf, dtype=f32),
+        label_logit=jnp.zeros_like(labels, dtype=f32),
+        sum_logits=jnp.zeros_like(labels, dtype=f32),
+        max_logit=jnp.full_like(labels, -jnp.inf, dtype=f32),
+        argmax=jnp.zeros_like(labels, dtype=jnp.int32),
+    )
+
+
+def _shard_stats(x, w, bias, labels, valid, offset, *, width, hp, config):
+    """Statistics over the first ``width`` columns of the shard (the rest is padding)."""
+    if width == 0:
+        return _empty_stats(labels)
+    if width < w.shape[1]:
+        w = w[:, :width]
+        bias = None if bias is None else bias[:width]
+    _, tn, vc = config.resolve(x.shape[0], x.shape[1], width, w.dtype, True)
+    return xla.chunked_stats(x, w, bias, labels, valid, offset, hp, tn, vc)
+
+
+def _global_stats(x, w, bias, labels, valid, *, hp, config, vocab_size, model, tp):
+    """Per-token statistics over the whole (model-sharded) vocabulary."""
+    v_local = w.shape[1]
+    offset = jnp.int32(0)
+    if tp > 1:
+        offset = (jax.lax.axis_index(model) * v_local).astype(jnp.int32)
+    operands = (x, w, bias, labels, valid, offset)
+    axes = frozenset().union(*(_varying(a) for a in operands if a is not None))
+    operands = tuple(None if a is None else _vary(a, axes) for a in operands)
+
+    widths = [min(max(vocab_size - k * v_local, 0), v_local) for k in range(tp)]
+    distinct = sorted(set(widths), reverse=True)
+    stats_fn = functools.partial(_shard_stats, hp=hp, config=config)
+    if len(distinct) == 1:
+        local = stats_fn(*operands, width=distinct[0])
+    else:
+        # Only with a padded vocabulary: the shard holding the end of the vocabulary
+        # (and any shard wholly past it) runs on its real columns only, so padded
+        # columns take no part in the normalizer, the logit sum or the argmax.
+        branch = jnp.asarray([distinct.index(c) for c in widths], jnp.int32)
+        local = jax.lax.switch(
+            branch[jax.lax.axis_index(model)],
+            [functools.partial(stats_fn, width=c) for c in distinct],
+            *operands,
+        )
+    if not model:
+        return local
+
+    # Global log-sum-exp: the shift m is a constant, the gradient flows through psum.
+    m = _pmax(jax.lax.stop_gradient(local.lse), model)
+    m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
+    lse = _ce_math.lse_finalize(m, _psum(jnp.exp(local.lse - m_safe), model))
+    label_logit = _psum(local.label_logit, model)
+    sum_logits = _psum(local.sum_logits, model) if hp.need_sum else local.sum_logits
+    # Argmax: the smallest global id reaching the global max (as jnp.argmax does).
+    local_max = jax.lax.stop_gradient(local.max_logit)
+    best = _pmax(local_max, model)
+    cand = jnp.where(local_max == best, local.argmax, jnp.iinfo(jnp.int32).max)
+    return TokenStats(lse, label_logit, sum_logits, best, _pmin(cand, model))
+
+
+def _check_sharded_over(name: str, v, axes: tuple[str, ...], spec: str) -> None:
+    """Under ``check_vma=True``, catches an operand that is replicated over ``axes``."""
+    for a in axes:
+        if jax.lax.axis_size(a) == 1:
+            continue
+        if a in _varying(jax.lax.axis_index(a)) and a not in _varying(v):
+            raise ValueError(
+                f"`{name}` must be sharded over mesh axis {a!r} (e.g. in_specs {spec}), "
+                "but it is replicated over it."
+            )
+
+
+def vocab_parallel_linear_cross_entropy(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    model_axis: AxisName | None = "model",
+    data_axis: AxisName | None = None,
+    vocab_size: int | None = None,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: Literal["none", "sum", "mean"] = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    shift: int = 0,
+    return_aux: bool = False,
+    config: xla.XlaConfig | None = None,
+) -> jax.Array | tuple[jax.Array, LinearCrossEntropyAux]:
+    r"""``linear_cross_entropy`` on one device's shards, inside ``jax.shard_map``.
+
+    The vocabulary is split over ``model_axis``: device ``k`` of that axis holds
+    columns ``[k * Vs, (k + 1) * Vs)`` of the global ``[D, V]`` kernel as its ``w``
+    (``in_specs=P(None, model_axis)``). Tokens may be split over ``data_axis``
+    (``in_specs=P(data_axis)`` for ``x``, ``labels``, ``where`` and ``weights``).
+    Each device computes its tokens' statistics over its own columns with the chunked
+    ``xla`` core and combines them across ``model_axis`` with ``psum``/``pmax`` of
+    per-token scalars, so nothing ``[tokens, V]``-sized is formed or gathered.
+
+    The result equals :func:`~fusedloss.linear_cross_entropy` on the global arrays,
+    and its gradients w.r.t. ``x``, ``w`` and ``bias`` are the local shards of the
+    global gradients, whether ``jax.grad`` is taken inside the ``shard_map`` (needs
+    the default ``check_vma=True``) or outside it.
+
+    Args:
+      x: this device's hidden states ``[..., D]`` (float32 / bfloat16 / float16),
+        replicated over ``model_axis``.
+      w: this device's kernel shard ``[D, Vs]`` with ``x``'s dtype.
+      labels: integer *global* target ids with shape ``x.shape[:-1]``.
+      model_axis: mesh axis name(s) the vocabulary is split over, or None (the
+        whole vocabulary is local).
+      data_axis: mesh axis name(s) the tokens are split over, or None. With it,
+        ``"sum"``/``"mean"`` and the aux counts are global over the data axis;
+        without it they cover this device's tokens only.
+      vocab_size: the global number of classes ``V``; default ``Vs`` times the size
+        of ``model_axis``. A smaller value marks the columns with ids ``>= V`` as
+        padding: they take no part in the loss (how a vocabulary that does not
+        divide evenly, or one padded for speed, is sharded).
+      bias: optional ``[Vs]`` bias shard (``in_specs=P(model_axis)``).
+      where: optional bool mask with the shape of ``labels``; True = include.
+      weights: optional float per-token weights with the shape of ``labels``.
+      ignore_index: tokens whose label equals it are excluded (e.g. ``-100``).
+      reduction: ``"none"`` (this device's per-token losses), ``"sum"`` or
+        ``"mean"`` (weighted mean over the included tokens of all ``data_axis``
+        shards), replicated on every device.
+      label_smoothing: in ``[0, 1)``; mixes ``label_smoothing / V`` into every
+        class of the global vocabulary.
+      z_loss: adds ``z_loss * lse**2`` per included token (global ``lse``).
+      logit_softcap: if set, logits become ``c * tanh(logits / c)``.
+      shift: ``x[..., :-shift, :]`` predicts ``labels[..., shift:]``, applied to
+        this device's arrays (so the shifted axis must not be split).
+      return_aux: also return a :class:`~fusedloss.LinearCrossEntropyAux`: ``lse``
+        and ``correct`` for this device's tokens, ``num_tokens`` and ``weight_sum``
+        summed over ``data_axis``.
+      config: an :class:`~fusedloss.XlaConfig` for the per-device core (strategy
+        ``"auto"`` or ``"recompute"``; chunk sizes refer to the local shard).
+
+    Returns:
+      The loss (``labels``' local shape for ``"none"``, else a scalar), and the aux
+      outputs if ``return_aux``. An included token whose label lies outside
+      ``[0, V)`` makes the loss NaN.
+
+    Examples:
+      On a mesh of one device (the same code runs on any ``data x model`` mesh):
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> import fusedloss
+      >>> from fusedloss.linear_cross_entropy.sharded import (
+      ...     vocab_parallel_linear_cross_entropy)
+      >>> kx, kw, kl = jax.random.split(jax.random.key(0), 3)
+      >>> x = jax.random.normal(kx, (8, 16))  # [tokens, D]
+      >>> w = jax.random.normal(kw, (16, 1000)) / 4  # [D, V]
+      >>> labels = jax.random.randint(kl, (8,), 0, 1000)
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> specs = (P("data"), P(None, "model"), P("data"))
+      >>> def loss_fn(x, w, labels):
+      ...     return vocab_parallel_linear_cross_entropy(
+      ...         x, w, labels, model_axis="model", data_axis="data")
+      >>> sharded_loss = jax.jit(jax.shard_map(
+      ...     loss_fn, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
+      >>> placed = [jax.device_put(a, NamedSharding(mesh, s))
+      ...           for a, s in zip((x, w, labels), specs)]
+      >>> loss = sharded_loss(*placed)
+      >>> bool(jnp.allclose(loss, fusedloss.linear_cross_entropy(x, w, labels), rtol=1e-5))
+      True
+    """
+    x, w, labels, bias, where, weights = _check_arrays(
+        x, w, labels, bias, where, weights, "[Vs], Vs = w.shape[1], this device's shard"
+    )
+    hp, config = _check_options(
+        reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift, config
+    )
+    data, model = _check_distinct(data_axis, model_axis)
+    tp = _bound_axis_size("model_axis", model)
+    _bound_axis_size("data_axis", data)
+    v_local = w.shape[1]
+    if vocab_size is None:
+        vocab_size = tp * v_local
+    if not isinstance(vocab_size, int | np.integer) or not 0 < vocab_size <= tp * v_local:
+        raise ValueError(
+            f"`vocab_size` must be an int in [1, {tp * v_local}] for {tp} shard(s) of "
+            f"{v_local} columns, got {vocab_size!r}."
+        )
+    vocab_size = int(vocab_size)
+    _check_sharded_over("w", w, model, f"P(None, {model_axis!r})")
+    _check_sharded_over("labels", labels, data, f"P({data_axis!r})")
+    _check_shift(x, shift)
+    if shift:
+        x = x[..., :-shift, :]
+        labels = labels[..., shift:]
+        where = None if where is None else where[..., shift:]
+        weights = None if weights is None else weights[..., shift:]
+
+    token_shape = labels.shape
+    x2 = x.reshape(-1, x.shape[-1])
+    lab = labels.reshape(-1)
+    valid = jnp.ones_like(lab, dtype=bool) if where is None else where.reshape(-1)
+    if ignore_index is not None:
+        valid = valid & (lab != ignore_index)
+    lab = lab.astype(jnp.int32)
+    wts = (
+        jnp.ones_like(lab, dtype=jnp.float32)
+        if weights is None
+        else jax.lax.stop_gradient(weights.reshape(-1).astype(jnp.float32))
+    )
+    wts = jnp.where(valid, wts, 0.0)
+    # The denominator of "mean" counts every data shard's tokens.
+    weight_sum = _psum(jnp.sum(wts), data)
+    if reduction == "mean":
+        safe = jnp.where(weight_sum == 0, 1.0, weight_sum)
+        coef = jnp.where(weight_sum == 0, 0.0, wts / safe)
+    else:
+        coef = wts
+    per_token = reduction == "none"
+
+    with jax.named_scope("fusedloss_lce_sharded"):
+        stats = _global_stats(
+            x2,
+            w,
+            bias,
+            lab,
+            valid,
+            hp=hp,
+            config=config,
+            vocab_size=vocab_size,
+            model=model,
+            tp=tp,
+        )
+        out = loss_from_stats(stats, lab, valid, coef, hp, vocab_size, per_token)
+    loss = out.loss.reshape(token_shape).astype(x.dtype) if per_token else _psum(out.loss, data)
+    if not return_aux:
+        return loss
+    aux = LinearCrossEntropyAux(
+        lse=out.lse.reshape(token_shape),
+        correct=out.correct.reshape(token_shape),
+        num_tokens=_psum(jnp.sum(valid, dtype=jnp.int32), data),
+        weight_sum=jax.lax.stop_gradient(weight_sum),
+        implementation=_IMPLEMENTATION,
+    )
+    return loss, aux
+
+
+# --------------------------------------------------------------------------------------
+# global arrays
+# --------------------------------------------------------------------------------------
+
+
+def _mesh_or_context(mesh):
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            raise ValueError(
+                "`mesh` is None and no mesh is set: pass `mesh=` (e.g. "
+                "`jax.make_mesh((2, 4), ('data', 'model'))`) or enter `jax.set_mesh(mesh)`."
+            )
+    return mesh
+
+
+def _axes_size(mesh, name: str, axes: tuple[str, ...]) -> int:
+    size = 1
+    for a in axes:
+        if a not in mesh.axis_names:
+            raise ValueError(
+                f"`{name}`={a!r} is not an axis of the mesh, whose axes are {mesh.axis_names}."
+            )
+        size *= mesh.shape[a]
+    return size
+
+
+def _spec_axis(axes: tuple[str, ...]):
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def sharded_linear_cross_entropy(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    data_axis: AxisName | None = "data",
+    model_axis: AxisName | None = "model",
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: Literal["none", "sum", "mean"] = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    shift: int = 0,
+    return_aux: bool = False,
+    config: xla.XlaConfig | None = None,
+) -> jax.Array | tuple[jax.Array, LinearCrossEntropyAux]:
+    r"""``linear_cross_entropy`` of global arrays, data- and vocabulary-parallel.
+
+    Writes the ``jax.shard_map`` over ``mesh`` for you: the first axis of ``x``,
+    ``labels``, ``where`` and ``weights`` (the batch, or the tokens of a flat
+    ``[N, D]`` input) is split over ``data_axis``; the columns of ``w`` and
+    ``bias`` over ``model_axis``; ``x`` is replicated over ``model_axis``. Every
+    device runs :func:`vocab_parallel_linear_cross_entropy` on its shards. Inputs
+    already laid out that way (``NamedSharding(mesh, P(data_axis))`` and
+    ``NamedSharding(mesh, P(None, model_axis))``) are used in place; on a mesh with
+    ``Explicit`` axes other layouts are resharded first.
+
+    Values and gradients equal :func:`~fusedloss.linear_cross_entropy` on one
+    device. The gradients are formed where the shards live: that of ``w`` per
+    vocabulary shard (all-reduced over the data axis), that of ``x`` per token shard
+    (all-reduced over the model axis); nothing is gathered.
+
+    A vocabulary size ``V`` that the model axis does not divide is padded with
+    zero columns to the next multiple (a padded copy of ``w``, only in that case);
+    the padded columns are excluded from the loss, and their gradient is dropped.
+    The first axis of ``x`` must be divisible by the data axis size.
+
+    Args:
+      x: hidden states ``[B, ..., D]`` (float32 / bfloat16 / float16).
+      w: classifier kernel ``[D, V]`` with ``x``'s dtype.
+      labels: integer target ids with shape ``x.shape[:-1]``.
+      mesh: a ``jax.sharding.Mesh`` (or abstract mesh); default: the mesh set with
+        ``jax.set_mesh``.
+      data_axis: mesh axis name(s) the first axis of the tokens is split over, or
+        None (tokens replicated).
+      model_axis: mesh axis name(s) the vocabulary is split over, or None
+        (``w`` replicated).
+      bias, where, weights, ignore_index, reduction, label_smoothing, z_loss,
+        logit_softcap, return_aux: as in :func:`~fusedloss.linear_cross_entropy`.
+      shift: as in :func:`~fusedloss.linear_cross_entropy`; with a data axis of
+        size > 1 it needs ``x`` of shape ``[B, T, D]`` (the shifted axis ``T`` is
+        not the split one).
+      config: an :class:`~fusedloss.XlaConfig` for the per-device core.
+
+    Returns:
+      The loss (``labels``' shape for ``"none"``, split over ``data_axis``, else a
+      scalar) and, if ``return_aux``, a :class:`~fusedloss.LinearCrossEntropyAux`
+      over all tokens.
+
+    Examples:
+      On a mesh of one device (with 8 devices, e.g. ``jax.make_mesh((2, 4), ...)``,
+      the same call splits the batch in 2 and the vocabulary in 4):
+
+      >>> import jax, jax.numpy as jnp
+      >>> import fusedloss
+      >>> from fusedloss.linear_cross_entropy.sharded import sharded_linear_cross_entropy
+      >>> kx, kw, kl = jax.random.split(jax.random.key(0), 3)
+      >>> x = jax.random.normal(kx, (4, 8, 16))  # [batch, seq, D]
+      >>> w = jax.random.normal(kw, (16, 1000)) / 4  # [D, V]
+      >>> labels = jax.random.randint(kl, (4, 8), 0, 1000)
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> loss_fn = jax.jit(lambda x, w, labels: sharded_linear_cross_entropy(
+      ...     x, w, labels, mesh=mesh, shift=1))
+      >>> loss, (dx, dw) = jax.value_and_grad(loss_fn, (0, 1))(x, w, labels)
+      >>> ref = fusedloss.linear_cross_entropy(x, w, labels, shift=1)
+      >>> bool(jnp.allclose(loss, ref, rtol=1e-5)), dw.shape
+      (True, (16, 1000))
+    """
+    x, w, labels, bias, where, weights = _check_arrays(
+        x, w, labels, bias, where, weights, "[V], V = w.shape[1]"
+    )
+    _check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift, config)
+    data, model = _check_distinct(data_axis, model_axis)
+    mesh = _mesh_or_context(mesh)
+    dp = _axes_size(mesh, "data_axis", data)
+    tp = _axes_size(mesh, "model_axis", model)
+    if x.ndim < 2 and dp > 1:
+        raise ValueError(
+            f"`x` of shape {x.shape} has no token axis to split over `data_axis`={data_axis!r}; "
+            "pass data_axis=None."
+        )
+    if dp > 1 and x.shape[0] % dp:
+        raise ValueError(
+            f"The first axis of `x` ({x.shape[0]}) must be divisible by the size of "
+            f"`data_axis`={data_axis!r} ({dp}); pad it (excluding the padding with `where`) "
+            "or choose another mesh."
+        )
+    if shift and dp > 1 and x.ndim < 3:
+        raise ValueError(
+            f"`shift`={shift} with `data_axis`={data_axis!r} of size {dp} needs `x` of shape "
+            f"[B, T, D] (the batch axis is split, the shifted one is not), got {x.shape}."
+        )
+    _check_shift(x, shift)
+    # Eager calls check label values (not across hosts: only local shards are readable).
+    if _checks.is_concrete(labels) and labels.is_fully_addressable:
+        _checks.check_labels_in_range(
+            "labels",
+            labels[..., shift:],
+            w.shape[1],
+            ignore_index=ignore_index,
+            mask=None if where is None else where[..., shift:],
+        )
+
+    v = w.shape[1]
+    v_pad = cdiv(v, tp) * tp
+    if v_pad != v:
+        w = jnp.pad(w, ((0, 0), (0, v_pad - v)))
+        bias = None if bias is None else jnp.pad(bias, (0, v_pad - v))
+
+    # The shard_map is manual over the axes that split something. A replicated input's
+    # gradient is summed over the manual axes its spec leaves out, so a size-1 axis in
+    # there would cost a trivial all-reduce holding a second w-sized gradient buffer.
+    # Without any splitting axis (e.g. a 1x1 mesh), it is manual over the size-1 axes,
+    # named in every spec (nothing to sum): the per-device code then sees the same
+    # unsharded types as on a multi-device mesh.
+    split_data = tuple(a for a in data if mesh.shape[a] > 1)
+    split_model = tuple(a for a in model if mesh.shape[a] > 1)
+    idle = () if split_data or split_model else data + model
+    tok, col = _spec_axis(split_data + idle), _spec_axis(split_model + idle)
+    arrays = {"x": x, "w": w, "labels": labels}
+    specs = {"x": P(tok), "w": P(None, col), "labels": P(tok)}
+    for name, value, spec in (
+        ("bias", bias, P(col)),
+        ("where", where, P(tok)),
+        ("weights", weights, P(tok)),
+    ):
+        if value is not None:
+            arrays[name], specs[name] = value, spec
+    if (data or model) and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        arrays = {
+            k: jax.sharding.reshard(a, NamedSharding(mesh, specs[k])) for k, a in arrays.items()
+        }
+
+    def body(a: dict[str, Any]):
+        return vocab_parallel_linear_cross_entropy(
+            a["x"],
+            a["w"],
+            a["labels"],
+            model_axis=_spec_axis(split_model),
+            data_axis=_spec_axis(split_data),
+            vocab_size=v,
+            bias=a.get("bias"),
+            where=a.get("where"),
+            weights=a.get("weights"),
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
+            shift=shift,
+            return_aux=return_aux,
+            config=config,
+        )
+
+    if not data and not model:
+        return body(arrays)
+    loss_spec = P(tok) if reduction == "none" else P()
+    out_specs: Any = loss_spec
+    if return_aux:
+        aux_spec = LinearCrossEntropyAux(
+            lse=P(tok),
+            correct=P(tok),
+            num_tokens=P(),
+            weight_sum=P(),
+            implementation=_IMPLEMENTATION,
+        )
+        out_specs = (loss_spec, aux_spec)
+    # check_vma=False: this shard_map is only ever differentiated from outside, where
+    # JAX's transpose rules sum the cotangents of replicated inputs without needing
+    # replication types.
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(specs,),
+        out_specs=out_specs,
+        axis_names=frozenset(split_data + split_model + idle),
+        check_vma=False,
+    )
+    return fn(arrays)
