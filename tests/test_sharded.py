@@ -88,12 +88,6 @@ def test_in_users_shard_map():
     assert_all_ok(run_check("in_shard"), cases)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="xla.chunked_stats builds its loop carries with jnp.zeros/full, which are "
-    "invariant under shard_map(check_vma=True); needs them derived from the operands",
-)
 def test_in_users_shard_map_check_vma():
     """check_vma=True (shard_map's default), gradients inside and outside it."""
     cases = {"in_shard-check_vma_True-grad_outside", "in_shard-check_vma_True-grad_inside"}

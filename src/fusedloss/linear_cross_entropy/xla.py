@@ -127,13 +127,15 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
     v = w.shape[1]
     nt, nv = cdiv(n, tn), cdiv(v, vc)
     f32 = _ce_math.acc_dtype(x.dtype)
+    # Carries are built "like" the operands so that they carry the operands' varying
+    # mesh axes inside shard_map(check_vma=True) and their sharding under Explicit axes.
     init = (
-        jnp.full((n,), -jnp.inf, f32),  # running max
-        jnp.zeros((n,), f32),  # running sum of exp(s - max)
-        jnp.zeros((n,), f32),  # label logit
-        jnp.zeros((n,), f32),  # logit sum
-        jnp.full((n,), -jnp.inf, f32),  # best logit
-        jnp.zeros((n,), jnp.int32),  # its column
+        jnp.full_like(labels, -jnp.inf, dtype=f32),  # running max
+        jnp.zeros_like(labels, dtype=f32),  # running sum of exp(s - max)
+        jnp.zeros_like(labels, dtype=f32),  # label logit
+        jnp.zeros_like(labels, dtype=f32),  # logit sum
+        jnp.full_like(labels, -jnp.inf, dtype=f32),  # best logit
+        jnp.zeros_like(labels, dtype=jnp.int32),  # its column
     )
 
     def v_body(j, carry):
@@ -190,7 +192,7 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
     f32 = _ce_math.acc_dtype(x.dtype)
     lse = jnp.where(valid, lse, 0.0)
     zero = jnp.zeros((), x.dtype)
-    dx0 = jnp.zeros((n, d), f32)
+    dx0 = jnp.zeros_like(x, dtype=f32)
     dw0 = jnp.zeros_like(w)
     db0 = None if bias is None else jnp.zeros_like(bias)
 
@@ -235,8 +237,8 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
                 db_acc = db_acc + jnp.sum(dl, axis=0)
             return dx, dw_acc, db_acc
 
-        dw_acc0 = jnp.zeros((d, vc), f32)
-        db_acc0 = None if bias is None else jnp.zeros((vc,), f32)
+        dw_acc0 = jnp.zeros_like(w_blk, dtype=f32)
+        db_acc0 = None if b_blk is None else jnp.zeros_like(b_blk, dtype=f32)
         dx, dw_acc, db_acc = jax.lax.fori_loop(0, nt, t_body, (dx, dw_acc0, db_acc0))
         old = jax.lax.dynamic_slice_in_dim(dw, vstart, vc, axis=1)
         dw = jax.lax.dynamic_update_slice_in_dim(
