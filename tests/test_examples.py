@@ -4,7 +4,6 @@ Each example is imported from ``examples/`` and its ``main()`` called with small
 arguments; the README's "Use in a training loop" section is run as a doctest.
 """
 
-import doctest
 import importlib.util
 import itertools
 import pathlib
@@ -87,12 +86,3 @@ def test_logistic_regression_lbfgs():
     assert all(b <= a + 1e-6 for a, b in itertools.pairwise(history))  # monotone
     assert out["test_accuracy"] > 0.8  # chance is 0.1
     np.testing.assert_allclose(out["objective"], out["materialized_objective"], rtol=1e-5)
-
-
-def test_readme_training_section():
-    flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
-    result = doctest.testfile(
-        str(EXAMPLES / "README_training_section.md"), module_relative=False, optionflags=flags
-    )
-    assert result.attempted > 10
-    assert result.failed == 0

@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from fusedloss import objectives as objectives
 from fusedloss._reduce import reduce_loss as reduce_loss
 from fusedloss._softmax_ce import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
@@ -27,6 +28,15 @@ from fusedloss.divergences import kl_divergence_with_log_targets as kl_divergenc
 from fusedloss.linear_cross_entropy import LinearCrossEntropyAux as LinearCrossEntropyAux
 from fusedloss.linear_cross_entropy import XlaConfig as XlaConfig
 from fusedloss.linear_cross_entropy import linear_cross_entropy as linear_cross_entropy
+from fusedloss.linear_cross_entropy.sharded import (
+    sharded_linear_cross_entropy as sharded_linear_cross_entropy,
+)
+from fusedloss.linear_cross_entropy.sharded import (
+    vocab_parallel_linear_cross_entropy as vocab_parallel_linear_cross_entropy,
+)
+from fusedloss.objectives import accumulate_gradients as accumulate_gradients
+from fusedloss.objectives import causal_lm_objective as causal_lm_objective
+from fusedloss.objectives import classification_objective as classification_objective
 from fusedloss.regression import absolute_error as absolute_error
 from fusedloss.regression import cosine_distance as cosine_distance
 from fusedloss.regression import cosine_similarity as cosine_similarity
@@ -45,6 +55,9 @@ __all__ = [
     "LinearCrossEntropyAux",
     "XlaConfig",
     "absolute_error",
+    "accumulate_gradients",
+    "causal_lm_objective",
+    "classification_objective",
     "cosine_distance",
     "cosine_similarity",
     "generalized_kl_divergence",
@@ -61,11 +74,13 @@ __all__ = [
     "multiclass_perceptron_loss",
     "multiclass_sparsemax_loss",
     "nll_loss",
+    "objectives",
     "perceptron_loss",
     "perplexity",
     "poly_loss_cross_entropy",
     "reduce_loss",
     "safe_softmax_cross_entropy",
+    "sharded_linear_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
     "smooth_labels",
@@ -73,4 +88,5 @@ __all__ = [
     "softmax_cross_entropy_with_integer_labels",
     "sparsemax_loss",
     "squared_error",
+    "vocab_parallel_linear_cross_entropy",
 ]

@@ -25,13 +25,14 @@ class LinearCrossEntropyAux:
 
     Attributes:
       lse: float32 log-sum-exp of each token's (softcapped) logits, with the shape
-        of the (shifted) labels. ``label logprob = -loss`` for plain CE, and
+        of the (shifted) labels (0 for excluded tokens); ``label logprob = -loss``
+        for plain CE, and
         ``lse`` is what z-loss penalizes.
       correct: bool, the argmax of the logits equals the label (False for excluded
         tokens); ``correct.sum() / num_tokens`` is the accuracy.
-      num_tokens: int32 scalar, the number of included tokens (``where``, not
-        ``ignore_index``); with ``reduction="sum"`` it lets gradient accumulation
-        normalize by the global token count.
+      num_tokens: int32 scalar, the number of included tokens (``where`` and
+        ``ignore_index`` applied); with ``reduction="sum"`` it lets gradient
+        accumulation normalize by the global token count.
       weight_sum: float32 scalar, the sum of the included tokens' weights (the
         denominator of ``reduction="mean"``; equals ``num_tokens`` without weights).
       implementation: the implementation that ran (static).
