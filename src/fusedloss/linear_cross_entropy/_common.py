@@ -19,8 +19,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fusedloss import _ce_math
+from fusedloss import _ce_math, _checks
 
 
 class Hyper(NamedTuple):
@@ -84,3 +85,74 @@ def cdiv(a: int, b: int) -> int:
 
 def round_down(value: int, multiple: int, minimum: int) -> int:
     return max(minimum, (value // multiple) * multiple)
+
+
+# ---- argument checks shared by every entry point --------------------------------------
+
+
+def check_arrays(x, w, labels, bias, where, weights, bias_what: str):
+    """dtype/shape checks (the same messages as the unsharded function)."""
+    _checks.check_floating("x", x)
+    _checks.check_floating("w", w)
+    _checks.check_integer("labels", labels)
+    x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    _checks.check_ndim_at_least("x", x, 1)
+    if w.ndim != 2:
+        raise ValueError(f"`w` must have shape [D, V], got {w.shape}.")
+    if w.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"`w` must have shape [D, V] with D = x.shape[-1] = {x.shape[-1]}, got {w.shape}."
+        )
+    if w.dtype != x.dtype:
+        raise TypeError(
+            f"`x` and `w` must have the same dtype, got {x.dtype} and {w.dtype}; cast one "
+            "(e.g. `w.astype(x.dtype)` for mixed precision)."
+        )
+    _checks.check_shape("labels", labels, x.shape[:-1], "x.shape[:-1]")
+    if bias is not None:
+        _checks.check_floating("bias", bias)
+        bias = jnp.asarray(bias)
+        _checks.check_shape("bias", bias, (w.shape[1],), bias_what)
+    if where is not None:
+        _checks.check_bool("where", where)
+        where = jnp.asarray(where)
+        _checks.check_shape("where", where, labels.shape, "the shape of `labels`")
+    if weights is not None:
+        _checks.check_floating("weights", weights)
+        weights = jnp.asarray(weights)
+        _checks.check_shape("weights", weights, labels.shape, "the shape of `labels`")
+    return x, w, labels, bias, where, weights
+
+
+def static_float(name, value, low, high, *, low_inclusive=True) -> float:
+    if not _checks.is_concrete(value):
+        raise TypeError(
+            f"`{name}` must be a Python number (a static hyperparameter), got a traced value; "
+            "pass it as a static argument of `jax.jit`."
+        )
+    _checks.check_scalar_range(name, value, low, high, low_inclusive=low_inclusive)
+    return float(value)
+
+
+def check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift) -> Hyper:
+    """Checks the scalar options; returns the static hyperparameters."""
+    _checks.check_reduction(reduction)
+    hp = Hyper(
+        label_smoothing=static_float("label_smoothing", label_smoothing, 0.0, 1.0),
+        z_loss=static_float("z_loss", z_loss, 0.0, None),
+        softcap=None
+        if logit_softcap is None
+        else static_float("logit_softcap", logit_softcap, 0.0, None, low_inclusive=False),
+    )
+    if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
+        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    if not isinstance(shift, int | np.integer) or shift < 0:
+        raise ValueError(f"`shift` must be a non-negative int, got {shift!r}.")
+    return hp
+
+
+def check_shift(x, shift: int) -> None:
+    if shift and (x.ndim < 2 or shift >= x.shape[-2]):
+        raise ValueError(
+            f"`shift`={shift} needs `x` of shape [..., T, D] with T > shift, got {x.shape}."
+        )

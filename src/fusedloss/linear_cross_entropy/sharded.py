@@ -44,8 +44,15 @@ from jax.sharding import PartitionSpec as P
 
 from fusedloss import _ce_math, _checks
 from fusedloss.linear_cross_entropy import xla
-from fusedloss.linear_cross_entropy._common import Hyper, TokenStats, cdiv, loss_from_stats
-from fusedloss.linear_cross_entropy.api import LinearCrossEntropyAux, _static_float
+from fusedloss.linear_cross_entropy._common import (
+    TokenStats,
+    cdiv,
+    check_arrays,
+    check_options,
+    check_shift,
+    loss_from_stats,
+)
+from fusedloss.linear_cross_entropy.api import LinearCrossEntropyAux
 
 AxisName = str | tuple[str, ...]
 _IMPLEMENTATION = "xla"
@@ -56,53 +63,8 @@ _IMPLEMENTATION = "xla"
 # --------------------------------------------------------------------------------------
 
 
-def _check_arrays(x, w, labels, bias, where, weights, bias_what: str):
-    """dtype/shape checks (the same messages as the unsharded function)."""
-    _checks.check_floating("x", x)
-    _checks.check_floating("w", w)
-    _checks.check_integer("labels", labels)
-    x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
-    _checks.check_ndim_at_least("x", x, 1)
-    if w.ndim != 2:
-        raise ValueError(f"`w` must have shape [D, V], got {w.shape}.")
-    if w.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"`w` must have shape [D, V] with D = x.shape[-1] = {x.shape[-1]}, got {w.shape}."
-        )
-    if w.dtype != x.dtype:
-        raise TypeError(
-            f"`x` and `w` must have the same dtype, got {x.dtype} and {w.dtype}; cast one "
-            "(e.g. `w.astype(x.dtype)` for mixed precision)."
-        )
-    _checks.check_shape("labels", labels, x.shape[:-1], "x.shape[:-1]")
-    if bias is not None:
-        _checks.check_floating("bias", bias)
-        bias = jnp.asarray(bias)
-        _checks.check_shape("bias", bias, (w.shape[1],), bias_what)
-    if where is not None:
-        _checks.check_bool("where", where)
-        where = jnp.asarray(where)
-        _checks.check_shape("where", where, labels.shape, "the shape of `labels`")
-    if weights is not None:
-        _checks.check_floating("weights", weights)
-        weights = jnp.asarray(weights)
-        _checks.check_shape("weights", weights, labels.shape, "the shape of `labels`")
-    return x, w, labels, bias, where, weights
-
-
 def _check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift, config):
-    _checks.check_reduction(reduction)
-    hp = Hyper(
-        label_smoothing=_static_float("label_smoothing", label_smoothing, 0.0, 1.0),
-        z_loss=_static_float("z_loss", z_loss, 0.0, None),
-        softcap=None
-        if logit_softcap is None
-        else _static_float("logit_softcap", logit_softcap, 0.0, None, low_inclusive=False),
-    )
-    if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
-        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
-    if not isinstance(shift, int | np.integer) or shift < 0:
-        raise ValueError(f"`shift` must be a non-negative int, got {shift!r}.")
+    hp = check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift)
     config = xla.XlaConfig() if config is None else config
     if not isinstance(config, xla.XlaConfig):
         raise TypeError(
@@ -116,13 +78,6 @@ def _check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_ind
             "XlaConfig(strategy='grad_in_forward'). Use strategy='auto' or 'recompute'."
         )
     return hp, config
-
-
-def _check_shift(x, shift: int) -> None:
-    if shift and (x.ndim < 2 or shift >= x.shape[-2]):
-        raise ValueError(
-            f"`shift`={shift} needs `x` of shape [..., T, D] with T > shift, got {x.shape}."
-        )
 
 
 def _axes(name: AxisName | None) -> tuple[str, ...]:
@@ -374,7 +329,7 @@ def vocab_parallel_linear_cross_entropy(
       >>> bool(jnp.allclose(loss, fusedloss.linear_cross_entropy(x, w, labels), rtol=1e-5))
       True
     """
-    x, w, labels, bias, where, weights = _check_arrays(
+    x, w, labels, bias, where, weights = check_arrays(
         x, w, labels, bias, where, weights, "[Vs], Vs = w.shape[1], this device's shard"
     )
     hp, config = _check_options(
@@ -394,7 +349,7 @@ def vocab_parallel_linear_cross_entropy(
     vocab_size = int(vocab_size)
     _check_sharded_over("w", w, model, f"P(None, {model_axis!r})")
     _check_sharded_over("labels", labels, data, f"P({data_axis!r})")
-    _check_shift(x, shift)
+    check_shift(x, shift)
     if shift:
         x = x[..., :-shift, :]
         labels = labels[..., shift:]
@@ -565,7 +520,7 @@ def sharded_linear_cross_entropy(
       >>> bool(jnp.allclose(loss, ref, rtol=1e-5)), dw.shape
       (True, (16, 1000))
     """
-    x, w, labels, bias, where, weights = _check_arrays(
+    x, w, labels, bias, where, weights = check_arrays(
         x, w, labels, bias, where, weights, "[V], V = w.shape[1]"
     )
     _check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift, config)
@@ -589,7 +544,7 @@ def sharded_linear_cross_entropy(
             f"`shift`={shift} with `data_axis`={data_axis!r} of size {dp} needs `x` of shape "
             f"[B, T, D] (the batch axis is split, the shifted one is not), got {x.shape}."
         )
-    _check_shift(x, shift)
+    check_shift(x, shift)
     # Eager calls check label values (not across hosts: only local shards are readable).
     if _checks.is_concrete(labels) and labels.is_fully_addressable:
         _checks.check_labels_in_range(

@@ -186,7 +186,7 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
 
 def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, vc):
     g_lse, g_lab, g_sum = (jnp.where(valid, c, 0.0) for c in cts)
-    n, d = x.shape
+    n = x.shape[0]
     v = w.shape[1]
     nt, nv = cdiv(n, tn), cdiv(v, vc)
     f32 = _ce_math.acc_dtype(x.dtype)
