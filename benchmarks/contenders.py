@@ -139,6 +139,20 @@ def _pallas(implementation: str, platform: str) -> Callable[[Case, jax.Array], P
     return make
 
 
+def _make_sharded(case: Case, w: jax.Array) -> Prepared:
+    n = jax.device_count()
+    if n < 2:
+        raise Unavailable("needs more than one device (vocab-parallel over a 1 x n mesh)")
+    from fusedloss.linear_cross_entropy.sharded import sharded_linear_cross_entropy
+
+    mesh = jax.make_mesh((1, n), ("data", "model"))
+
+    def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
+        return sharded_linear_cross_entropy(x, w, labels, mesh=mesh, logit_softcap=case.softcap)
+
+    return Prepared(loss, w)
+
+
 # ---- third party ------------------------------------------------------------------------
 
 
@@ -233,6 +247,13 @@ CONTENDERS: dict[str, Contender] = {
             "fusedloss implementation='pallas_tpu'",
             "fusedloss",
             _pallas("pallas_tpu", "tpu"),
+            memory_rank=0,
+        ),
+        Contender(
+            "sharded",
+            "fusedloss sharded_linear_cross_entropy, vocab-parallel over all devices",
+            "fusedloss",
+            _make_sharded,
             memory_rank=0,
         ),
         Contender(
