@@ -54,7 +54,10 @@ class XlaConfig:
         ``dw`` accumulator fits ``accumulator_bytes``, else ``recompute``),
         ``"grad_in_forward"`` or ``"recompute"``.
       block_bytes: float32 bytes of one ``[token_chunk, vocab_chunk]`` logits block;
-        sets the chunk sizes that are not given explicitly.
+        sets the chunk sizes that are not given explicitly. Default: 128 MiB for
+        ``grad_in_forward`` (larger token chunks keep it at the materialized
+        path's speed) and 32 MiB for ``recompute`` (whose backward holds a few
+        blocks at once).
       token_chunk: rows per block (default: from ``block_bytes``).
       vocab_chunk: columns per block for ``recompute`` (default: from
         ``block_bytes``); ``grad_in_forward`` always spans the whole vocabulary.
@@ -63,7 +66,7 @@ class XlaConfig:
     """
 
     strategy: Strategy = "auto"
-    block_bytes: int = 32 * 2**20
+    block_bytes: int | None = None
     token_chunk: int | None = None
     vocab_chunk: int | None = None
     accumulator_bytes: int = 1 * 2**30
@@ -73,7 +76,7 @@ class XlaConfig:
             raise ValueError(
                 f"XlaConfig.strategy must be one of {_STRATEGIES}, got {self.strategy!r}."
             )
-        if self.block_bytes < 4 * 8 * 8:
+        if self.block_bytes is not None and self.block_bytes < 4 * 8 * 8:
             raise ValueError(f"XlaConfig.block_bytes must be >= 256, got {self.block_bytes}.")
         for name in ("token_chunk", "vocab_chunk"):
             value = getattr(self, name)
@@ -88,7 +91,10 @@ class XlaConfig:
             extra = 0 if jnp.dtype(w_dtype) == jnp.float32 else 4 * d * v
             fits = extra <= self.accumulator_bytes
             strategy = "grad_in_forward" if (not per_token and fits) else "recompute"
-        elems = max(self.block_bytes // 4, 64)
+        block = self.block_bytes
+        if block is None:
+            block = (128 if strategy == "grad_in_forward" else 32) * 2**20
+        elems = max(block // 4, 64)
         if strategy == "grad_in_forward":
             vc = v
             tn = self.token_chunk or round_down(elems // v, 8, 8)
