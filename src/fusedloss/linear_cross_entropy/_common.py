@@ -15,6 +15,7 @@ smoothing, z-loss and the reductions are written once.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -156,3 +157,38 @@ def check_shift(x, shift: int) -> None:
         raise ValueError(
             f"`shift`={shift} needs `x` of shape [..., T, D] with T > shift, got {x.shape}."
         )
+
+
+# ---- kernel-backed statistics cores ------------------------------------------------------
+
+
+def make_stats_core(forward, backward, name: str):
+    """A differentiable stats core from a kernel forward and backward.
+
+    ``forward(x, w, bias, local_labels, hp, plan) -> TokenStats`` (local column ids)
+    and ``backward(x, w, bias, local_labels, valid, lse, cts, hp, plan) -> (dx, dw,
+    db)`` with ``cts`` the cotangents of (lse, label logit, logit sum). The result has
+    the contract of ``xla.chunked_stats``: ``labels`` are global ids and ``w``'s
+    column ``j`` is vocabulary id ``vocab_offset + j``.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+    def stats_core(x, w, bias, labels, valid, vocab_offset, hp: Hyper, plan):
+        return fwd(x, w, bias, labels, valid, vocab_offset, hp, plan)[0]
+
+    def fwd(x, w, bias, labels, valid, vocab_offset, hp, plan):
+        offset = jnp.asarray(vocab_offset, jnp.int32)
+        local = labels.astype(jnp.int32) - offset
+        stats = forward(x, w, bias, local, hp, plan)
+        stats = stats._replace(argmax=stats.argmax + offset)
+        return stats, (x, w, bias, local, valid, stats.lse)
+
+    def bwd(hp, plan, res, ct):
+        x, w, bias, local, valid, lse = res
+        cts = (ct.lse, ct.label_logit, ct.sum_logits)
+        dx, dw, db = backward(x, w, bias, local, valid, lse, cts, hp, plan)
+        return dx, dw, db, None, None, None
+
+    stats_core.defvjp(fwd, bwd)
+    stats_core.__name__ = stats_core.__qualname__ = name
+    return stats_core

@@ -77,6 +77,7 @@ from fusedloss.linear_cross_entropy._common import (
     TokenStats,
     cdiv,
     loss_from_stats,
+    make_stats_core,
 )
 
 _NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -748,32 +749,7 @@ def _backward_kernels(st: _Static, plan: _Plan, x, w, bias, head, row_args):
 # --------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def pallas_gpu_stats(x, w, bias, labels, valid, vocab_offset, hp: Hyper, plan: _Plan):
-    """Per-token statistics over ``w``'s columns, differentiable, never ``[N, V]``.
-
-    ``labels`` are global ids; ``w``'s column ``j`` is vocabulary id
-    ``vocab_offset + j``.
-    """
-    return _stats_fwd(x, w, bias, labels, valid, vocab_offset, hp, plan)[0]
-
-
-def _stats_fwd(x, w, bias, labels, valid, vocab_offset, hp, plan):
-    offset = jnp.asarray(vocab_offset, jnp.int32)
-    local = labels.astype(jnp.int32) - offset
-    stats = _forward(x, w, bias, local, hp, plan)
-    stats = stats._replace(argmax=stats.argmax + offset)
-    return stats, (x, w, bias, local, valid, stats.lse)
-
-
-def _stats_bwd(hp, plan, res, ct):
-    x, w, bias, local, valid, lse = res
-    cts = (ct.lse, ct.label_logit, ct.sum_logits)
-    dx, dw, db = _backward(x, w, bias, local, valid, lse, cts, hp, plan)
-    return dx, dw, db, None, None, None
-
-
-pallas_gpu_stats.defvjp(_stats_fwd, _stats_bwd)
+pallas_gpu_stats = make_stats_core(_forward, _backward, "pallas_gpu_stats")
 
 
 def _check_supported(x, config: PallasGpuConfig) -> None:
