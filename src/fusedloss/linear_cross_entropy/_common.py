@@ -192,3 +192,30 @@ def make_stats_core(forward, backward, name: str):
     stats_core.defvjp(fwd, bwd)
     stats_core.__name__ = stats_core.__qualname__ = name
     return stats_core
+
+
+def make_kernel_implementation(name: str, config_type: type, stats_core, check_supported):
+    """The ``implementation=name`` entry point around a kernel-backed stats core.
+
+    ``check_supported(x, config)`` raises ``NotImplementedError`` where the kernel
+    cannot run (so that ``implementation=None`` falls back); ``config.resolve(n, d,
+    v, dtype)`` gives the static plan handed to ``stats_core``.
+    """
+
+    def implementation(x, w, bias, labels, valid, coef, *, hp: Hyper, per_token: bool, config):
+        config = config_type() if config is None else config
+        if not isinstance(config, config_type):
+            raise TypeError(
+                f"`config` for implementation {name!r} must be a {config_type.__name__}, "
+                f"got {config!r}."
+            )
+        check_supported(x, config)
+        n, d = x.shape
+        v = w.shape[1]
+        plan = config.resolve(n, d, v, x.dtype)
+        with jax.named_scope(f"fusedloss_lce_{name}"):
+            stats = stats_core(x, w, bias, labels, valid, jnp.int32(0), hp, plan)
+            return loss_from_stats(stats, labels, valid, coef, hp, v, per_token)
+
+    implementation.__name__ = implementation.__qualname__ = f"linear_cross_entropy_{name}"
+    return implementation

@@ -73,10 +73,9 @@ from fusedloss import _ce_math
 from fusedloss.linear_cross_entropy import api
 from fusedloss.linear_cross_entropy._common import (
     Hyper,
-    ImplOutput,
     TokenStats,
     cdiv,
-    loss_from_stats,
+    make_kernel_implementation,
     make_stats_core,
 )
 
@@ -766,21 +765,13 @@ def _check_supported(x, config: PallasGpuConfig) -> None:
         raise NotImplementedError("pallas_gpu needs at least one token.")
 
 
-def linear_cross_entropy_pallas_gpu(
-    x, w, bias, labels, valid, coef, *, hp: Hyper, per_token: bool, config
-) -> ImplOutput:
-    config = PallasGpuConfig() if config is None else config
-    if not isinstance(config, PallasGpuConfig):
-        raise TypeError(
-            f"`config` for implementation 'pallas_gpu' must be a PallasGpuConfig, got {config!r}."
-        )
-    _check_supported(x, config)
-    n, d = x.shape
-    v = w.shape[1]
-    plan = config.resolve(n, d, v, x.dtype)
-    with jax.named_scope("fusedloss_lce_pallas_gpu"):
-        stats = pallas_gpu_stats(x, w, bias, labels, valid, jnp.int32(0), hp, plan)
-        return loss_from_stats(stats, labels, valid, coef, hp, v, per_token)
+linear_cross_entropy_pallas_gpu = make_kernel_implementation(
+    "pallas_gpu",
+    PallasGpuConfig,
+    pallas_gpu_stats,
+    # Looked up at call time, so the module-level check can be swapped (export tests).
+    lambda x, config: _check_supported(x, config),
+)
 
 
 api.register_implementation("pallas_gpu", linear_cross_entropy_pallas_gpu, PallasGpuConfig)
