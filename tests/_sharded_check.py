@@ -357,6 +357,54 @@ def group_memory():
     )
 
 
+def group_tied():
+    """``w = embedding.T`` (tied embeddings): same results, and no copy of ``w``."""
+    data = make_data(3)
+    mesh = mesh_of((2, 4))
+    names = ["all_mean", "all_mean_v41"]
+
+    def tied(lce):
+        def run(d):
+            outs = []
+            for n in names:
+                v = CASES[n]["v"]
+                emb = d[f"w{v}"].T  # stored [V, D]; the loss sees emb.T
+                dd = {**d, f"w{v}": emb}
+
+                def via_t(x, e, *a, lce=lce, **k):
+                    return lce(x, e.T, *a, **k)
+
+                (loss, arrays), grads = evaluate(via_t, dd, CASES[n])
+                outs.append(((loss, arrays), (grads[0], grads[1].T, *grads[2:])))
+            return outs
+
+        return run
+
+    refs = reference(data, names)
+    outs = jax.jit(tied(lambda *a, **k: sharded_linear_cross_entropy(*a, mesh=mesh, **k)))(data)
+    for n, out in zip(names, outs, strict=True):
+        err = compare(out, refs[n])
+        report(f"tied-{n}", not err, err)
+
+    def memory():
+        n, d, v = 4096, 256, 64000
+        x = jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+        lab = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+        e = jax.ShapeDtypeStruct((v, d), jnp.float32, sharding=NamedSharding(mesh, P("model")))
+
+        def fn(x, e, y):
+            return sharded_linear_cross_entropy(x, e.T, y, mesh=mesh)
+
+        vg = jax.jit(jax.value_and_grad(fn, (0, 1))).lower(x, e, lab).compile()
+        tied_bytes = int(vg.memory_analysis().temp_size_in_bytes)
+        untied = temp_bytes(2, 4, n, d, v)
+        if tied_bytes > untied + 2**16:
+            return f"tied {tied_bytes} temp bytes > untied {untied}"
+        return ""
+
+    run_case("tied-memory", memory)
+
+
 def group_table():
     """Not a test: the per-device temporaries at Llama-3-8B's head, for the docs."""
     n, d, v = 8192, 4096, 128256
@@ -371,6 +419,7 @@ GROUPS = {
     "vma": group_vma,
     "explicit": group_explicit,
     "memory": group_memory,
+    "tied": group_tied,
     "table": group_table,
 }
 

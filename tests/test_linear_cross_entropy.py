@@ -325,6 +325,51 @@ def test_gradient_accumulation_with_global_token_count(impl, cfg):
     np.testing.assert_allclose(acc_grad / total_tokens, gfull, rtol=1e-5, atol=1e-7)
 
 
+# ---- tied embeddings (w passed as embedding.T) ------------------------------------------
+
+
+@pytest.mark.parametrize("impl,cfg", IMPL_PARAMS)
+def test_tied_embedding_transpose_matches_oracle(impl, cfg):
+    x, w, labels, kw = make_inputs(31, lead=(2, 19), v=101, features=FEATURES["all"])
+    emb = np.ascontiguousarray(w.T)  # [V, D], as a model stores it
+    bias = kw.pop("bias")
+    jkw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    f = lambda x, e, b: call(impl, cfg, x, e.T, jnp.asarray(labels), bias=b, **jkw)
+    got, (gx, ge, gb) = jax.jit(jax.value_and_grad(f, (0, 1, 2)))(
+        jnp.asarray(x), jnp.asarray(emb), jnp.asarray(bias)
+    )
+    np.testing.assert_allclose(float(got), oracle(x, w, labels, bias=bias, **kw), rtol=1e-5)
+    want = oracle_grads(x, w, labels, {**kw, "bias": bias}, (0, 1, 2))
+    assert ge.shape == emb.shape
+    for name, g, wg in zip(["x", "embedding", "bias"], (gx, ge.T, gb), want, strict=True):
+        scale = max(np.abs(wg).max(), 1e-6)
+        np.testing.assert_allclose(g, wg, rtol=1e-5, atol=1e-6 * scale, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_explicit_w_layout_gives_the_same_result(strategy, tied):
+    """Either way of reading ``w`` is correct; only the copies differ."""
+    x, w, labels, kw = make_inputs(32, lead=(37,), v=83, features=FEATURES["smooth_ignore"])
+    emb = np.ascontiguousarray(w.T)
+
+    def run(layout):
+        cfg = XlaConfig(strategy=strategy, token_chunk=16, vocab_chunk=32, w_layout=layout)
+        if tied:
+            f = lambda x, e: call("xla", cfg, x, e.T, jnp.asarray(labels), **kw)
+            loss, (gx, ge) = jax.jit(jax.value_and_grad(f, (0, 1)))(x, jnp.asarray(emb))
+            return loss, gx, ge.T
+        f = lambda x, w: call("xla", cfg, x, w, jnp.asarray(labels), **kw)
+        return (lambda r: (r[0], *r[1]))(jax.jit(jax.value_and_grad(f, (0, 1)))(x, w))
+
+    want = [oracle(x, w, labels, **kw), *oracle_grads(x, w, labels, kw, (0, 1))]
+    for layout in ("auto", "kernel", "embedding"):
+        for name, g, wg in zip(["loss", "dx", "dw"], run(layout), want, strict=True):
+            np.testing.assert_allclose(
+                g, wg, rtol=1e-5, atol=1e-6 * np.abs(wg).max(), err_msg=f"{layout} {name}"
+            )
+
+
 # ---- bf16 error budget -----------------------------------------------------------------
 
 
@@ -412,9 +457,9 @@ def test_auto_strategy_follows_reduction():
 MiB = 2**20
 
 
-def temp_bytes(strategy, n, d=4096, v=128256, dtype=jnp.float32, tied=False):
+def temp_bytes(strategy, n, d=4096, v=128256, dtype=jnp.float32, tied=False, layout="auto"):
     s = jax.ShapeDtypeStruct
-    cfg = XlaConfig(strategy=strategy)
+    cfg = XlaConfig(strategy=strategy, w_layout=layout)
     if tied:
         f = lambda x, e, y: linear_cross_entropy(x, e.T, y, implementation="xla", config=cfg)
         args = (s((n, d), dtype), s((v, d), dtype), s((n,), jnp.int32))
@@ -440,6 +485,18 @@ def test_memory_does_not_grow_with_tokens():
         # Allowed growth: the [N, D]-sized gradient buffers only.
         assert large - small <= 2 * (32768 - 8192) * 4096 * 4, (strategy, small, large)
         assert large < 300 * MiB if strategy == "recompute" else large < 1000 * MiB
+
+
+def test_memory_tied_embeddings_cost_no_copy():
+    """``w = embedding.T`` at Llama-3-8B's head: the same temporaries as a [D, V] kernel."""
+    for strategy in ("recompute", "grad_in_forward"):
+        untied = temp_bytes(strategy, 8192)
+        tied = temp_bytes(strategy, 8192, tied=True)
+        assert tied <= untied + MiB, (strategy, tied / MiB, untied / MiB)
+    # The check can fail: reading a tied w as a [D, V] kernel copies all of it.
+    d, v = 1024, 32000
+    forced = temp_bytes("recompute", 2048, d, v, tied=True, layout="kernel")
+    assert forced >= temp_bytes("recompute", 2048, d, v, tied=True) + d * v * 4 * 0.9
 
 
 # ---- bad input -------------------------------------------------------------------------
@@ -481,6 +538,8 @@ def test_bad_input_messages():
         linear_cross_entropy(x, w, y, implementation="xla", config={"strategy": "recompute"})
     with pytest.raises(ValueError, match=r"XlaConfig\.strategy must be one of"):
         XlaConfig(strategy="fast")
+    with pytest.raises(ValueError, match=r"XlaConfig\.w_layout must be one of .* got 'VD'"):
+        XlaConfig(w_layout="VD")
     with pytest.raises(ValueError, match="needs a reduced loss"):
         linear_cross_entropy(
             x,

@@ -99,6 +99,11 @@ def test_explicit_mesh_and_bf16():
     assert_all_ok(run_check("explicit"), {"explicit-set_mesh", "explicit-bf16"})
 
 
+def test_tied_embeddings_on_a_mesh():
+    """``w = embedding.T`` on a 2x4 mesh (also padded): single-device results, no copy."""
+    assert_all_ok(run_check("tied"), {"tied-all_mean", "tied-all_mean_v41", "tied-memory"})
+
+
 def test_per_device_temporaries_shrink_with_the_vocab_shard():
     results = run_check("memory")
     assert_all_ok(results, {"memory"})

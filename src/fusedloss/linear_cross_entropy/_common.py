@@ -80,6 +80,28 @@ def loss_from_stats(
     )
 
 
+def is_transposed_matrix(w) -> bool:
+    """Whether ``w`` is, in the program being traced, ``a.T`` of some 2-D array ``a``.
+
+    A ``[D, V]`` weight passed as ``embedding.T`` (tied embeddings) is then better
+    read as the ``[V, D]`` array it came from: chunks of its rows are contiguous and
+    ``w.T`` cancels against the caller's transpose, so no copy of ``w`` is made.
+    Outside ``jit`` (or when the producer cannot be seen) this is False, which is
+    always correct and at worst costs that copy.
+    """
+    t = w
+    for _ in range(16):  # unwrap differentiation tracers down to the traced value
+        inner = getattr(t, "primal", None)
+        if inner is None:
+            break
+        t = inner
+    eqn = getattr(t, "parent", None)
+    try:
+        return eqn.primitive.name == "transpose" and tuple(eqn.params["permutation"]) == (1, 0)
+    except (AttributeError, KeyError, TypeError):
+        return False
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

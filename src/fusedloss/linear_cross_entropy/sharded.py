@@ -33,6 +33,7 @@ global weighted mean, not a mean of per-device means.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Literal
 
@@ -50,6 +51,7 @@ from fusedloss.linear_cross_entropy._common import (
     check_arrays,
     check_options,
     check_shift,
+    is_transposed_matrix,
     loss_from_stats,
 )
 from fusedloss.linear_cross_entropy.api import LinearCrossEntropyAux
@@ -175,7 +177,7 @@ def _shard_stats(x, w, bias, labels, valid, offset, *, width, hp, config):
         w = w[:, :width]
         bias = None if bias is None else bias[:width]
     _, tn, vc = config.resolve(x.shape[0], x.shape[1], width, w.dtype, True)
-    return xla.chunked_stats(x, w, bias, labels, valid, offset, hp, tn, vc)
+    return xla.chunked_stats(x, w, bias, labels, valid, offset, hp, tn, vc, config.w_layout)
 
 
 def _global_stats(x, w, bias, labels, valid, *, hp, config, vocab_size, model, tp):
@@ -557,8 +559,16 @@ def sharded_linear_cross_entropy(
 
     v = w.shape[1]
     v_pad = cdiv(v, tp) * tp
+    # Tied embeddings (``w = embedding.T``) travel as the [V, D] embedding, split by
+    # rows, and are read through its transpose on each device: no copy of ``w``.
+    layout = "auto" if config is None else config.w_layout
+    tied = layout == "embedding" or (layout == "auto" and is_transposed_matrix(w))
+    w_vocab_axis = 0 if tied else 1
+    if tied:
+        w = w.T
+        config = dataclasses.replace(config or xla.XlaConfig(), w_layout="embedding")
     if v_pad != v:
-        w = jnp.pad(w, ((0, 0), (0, v_pad - v)))
+        w = jnp.pad(w, [(0, v_pad - v) if a == w_vocab_axis else (0, 0) for a in range(2)])
         bias = None if bias is None else jnp.pad(bias, (0, v_pad - v))
 
     # The shard_map is manual over the axes that split something. A replicated input's
@@ -572,7 +582,7 @@ def sharded_linear_cross_entropy(
     idle = () if split_data or split_model else data + model
     tok, col = _spec_axis(split_data + idle), _spec_axis(split_model + idle)
     arrays = {"x": x, "w": w, "labels": labels}
-    specs = {"x": P(tok), "w": P(None, col), "labels": P(tok)}
+    specs = {"x": P(tok), "w": P(col, None) if tied else P(None, col), "labels": P(tok)}
     for name, value, spec in (
         ("bias", bias, P(col)),
         ("where", where, P(tok)),
@@ -588,7 +598,7 @@ def sharded_linear_cross_entropy(
     def body(a: dict[str, Any]):
         return vocab_parallel_linear_cross_entropy(
             a["x"],
-            a["w"],
+            a["w"].T if tied else a["w"],
             a["labels"],
             model_axis=_spec_axis(split_model),
             data_axis=_spec_axis(split_data),

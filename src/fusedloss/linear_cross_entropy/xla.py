@@ -17,6 +17,10 @@ block of logits (and its gradient) at a time:
     (the same three matmuls as the materialized version). The backward only scales
     them. Needs a float32 ``[D, V]`` accumulator for ``dw`` and a scalar loss.
 
+``w`` is read in whichever orientation it is stored in: a ``[D, V]`` kernel in
+column chunks, or the ``[V, D]`` array behind a ``w`` passed as ``embedding.T``
+(tied embeddings) in row chunks, so that neither is ever copied whole.
+
 Chunks never pad ``x`` or ``w`` (that would copy them): a trailing partial chunk
 is handled by clamping its start so it ends at the last row/column and masking the
 rows/columns that an earlier chunk already covered.
@@ -37,12 +41,15 @@ from fusedloss.linear_cross_entropy._common import (
     ImplOutput,
     TokenStats,
     cdiv,
+    is_transposed_matrix,
     loss_from_stats,
     round_down,
 )
 
 Strategy = Literal["auto", "grad_in_forward", "recompute"]
 _STRATEGIES = ("auto", "grad_in_forward", "recompute")
+WLayout = Literal["auto", "kernel", "embedding"]
+_W_LAYOUTS = ("auto", "kernel", "embedding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +70,11 @@ class XlaConfig:
         ``block_bytes``); ``grad_in_forward`` always spans the whole vocabulary.
       accumulator_bytes: largest extra float32 ``dw`` accumulator ``"auto"`` accepts
         for ``grad_in_forward`` (none is needed when ``w`` is float32 already).
+      w_layout: how ``w`` is read. ``"kernel"``: as the ``[D, V]`` array it is.
+        ``"embedding"``: through its transpose, the ``[V, D]`` array of tied
+        embeddings (``w = embedding.T`` then costs no copy, while a plain ``[D, V]``
+        kernel would be transposed once). ``"auto"`` (default): ``"embedding"``
+        when ``w`` is traced as the transpose of another array, else ``"kernel"``.
     """
 
     strategy: Strategy = "auto"
@@ -70,11 +82,16 @@ class XlaConfig:
     token_chunk: int | None = None
     vocab_chunk: int | None = None
     accumulator_bytes: int = 1 * 2**30
+    w_layout: WLayout = "auto"
 
     def __post_init__(self):
         if self.strategy not in _STRATEGIES:
             raise ValueError(
                 f"XlaConfig.strategy must be one of {_STRATEGIES}, got {self.strategy!r}."
+            )
+        if self.w_layout not in _W_LAYOUTS:
+            raise ValueError(
+                f"XlaConfig.w_layout must be one of {_W_LAYOUTS}, got {self.w_layout!r}."
             )
         if self.block_bytes is not None and self.block_bytes < 4 * 8 * 8:
             raise ValueError(f"XlaConfig.block_bytes must be >= 256, got {self.block_bytes}.")
@@ -110,10 +127,36 @@ def _chunk_start(i, chunk: int, total: int):
     return jnp.minimum(nominal, total - chunk), nominal
 
 
-def _block(x_blk, w_blk, b_blk, cap):
+# ``w`` as stored: ``va`` is its vocabulary axis (1 for a [D, V] kernel, 0 for the
+# [V, D] embedding behind ``embedding.T``). These helpers keep every product in the
+# stored orientation, so XLA never needs to relayout a whole ``w``.
+
+
+def _w_slice(w, start, size: int, va: int):
+    return jax.lax.dynamic_slice_in_dim(w, start, size, axis=va)
+
+
+def _vocab_mask(mask, va: int):
+    """A [vc] column mask broadcast against a block of ``w`` (or of ``dw``)."""
+    return mask[None, :] if va == 1 else mask[:, None]
+
+
+def _dx_product(dl, w_blk, va: int, dt):
+    """``dl @ w_blk.T``: [tn, vc] x stored block -> [tn, D]."""
+    return jax.lax.dot_general(dl, w_blk, (((1,), (va,)), ((), ())), preferred_element_type=dt)
+
+
+def _dw_product(x_blk, dl, va: int, dt):
+    """``x_blk.T @ dl`` in the stored orientation: [D, vc] (va=1) or [vc, D] (va=0)."""
+    if va == 1:
+        return jax.lax.dot_general(x_blk, dl, (((0,), (0,)), ((), ())), preferred_element_type=dt)
+    return jax.lax.dot_general(dl, x_blk, (((0,), (0,)), ((), ())), preferred_element_type=dt)
+
+
+def _block(x_blk, w_blk, b_blk, cap, va: int = 1):
     """float32 softcapped logits of one block."""
     dt = _ce_math.acc_dtype(x_blk.dtype)
-    z = jax.lax.dot_general(x_blk, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=dt)
+    z = jax.lax.dot_general(x_blk, w_blk, (((1,), (1 - va,)), ((), ())), preferred_element_type=dt)
     if b_blk is not None:
         z = z + b_blk.astype(dt)[None, :]
     return _ce_math.softcap(z, cap)
@@ -128,9 +171,9 @@ def _slice_bias(bias, start, size):
 # --------------------------------------------------------------------------------------
 
 
-def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, vc: int):
+def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, vc: int, va: int):
     n, _ = x.shape
-    v = w.shape[1]
+    v = w.shape[va]
     nt, nv = cdiv(n, tn), cdiv(v, vc)
     f32 = _ce_math.acc_dtype(x.dtype)
     # Carries are built "like" the operands so that they carry the operands' varying
@@ -146,7 +189,7 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
 
     def v_body(j, carry):
         vstart, vnom = _chunk_start(j, vc, v)
-        w_blk = jax.lax.dynamic_slice_in_dim(w, vstart, vc, axis=1)
+        w_blk = _w_slice(w, vstart, vc, va)
         b_blk = _slice_bias(bias, vstart, vc)
         cols = vstart + jnp.arange(vc, dtype=jnp.int32)
         col_new = cols >= vnom
@@ -158,7 +201,7 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
             lab = jax.lax.dynamic_slice_in_dim(labels, tstart, tn)
             old = [jax.lax.dynamic_slice_in_dim(c, tstart, tn) for c in carry]
             m, l, lab_logit, ssum, best, arg = old
-            s = _block(x_blk, w_blk, b_blk, hp.softcap)
+            s = _block(x_blk, w_blk, b_blk, hp.softcap, va)
             s = jnp.where(col_new[None, :], s, -jnp.inf)
             bm = jnp.max(s, axis=1)
             m_new, l_new = _ce_math.lse_combine(
@@ -190,10 +233,10 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
     )
 
 
-def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, vc):
+def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, vc, va):
     g_lse, g_lab, g_sum = (jnp.where(valid, c, 0.0) for c in cts)
     n = x.shape[0]
-    v = w.shape[1]
+    v = w.shape[va]
     nt, nv = cdiv(n, tn), cdiv(v, vc)
     f32 = _ce_math.acc_dtype(x.dtype)
     lse = jnp.where(valid, lse, 0.0)
@@ -205,7 +248,7 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
     def v_body(j, carry):
         dx, dw, db = carry
         vstart, vnom = _chunk_start(j, vc, v)
-        w_blk = jax.lax.dynamic_slice_in_dim(w, vstart, vc, axis=1)
+        w_blk = _w_slice(w, vstart, vc, va)
         b_blk = _slice_bias(bias, vstart, vc)
         cols = vstart + jnp.arange(vc, dtype=jnp.int32)
         col_new = cols >= vnom
@@ -219,7 +262,7 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
             x_blk = jax.lax.dynamic_slice_in_dim(x, tstart, tn)
             x_blk = jnp.where(take_rows[:, None], x_blk, zero)
             sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=tstart, slice_size=tn)
-            s = _block(x_blk, w_blk, b_blk, hp.softcap)
+            s = _block(x_blk, w_blk, b_blk, hp.softcap, va)
             is_label = (sl(labels)[:, None] - vocab_offset) == cols[None, :]
             dl = _ce_math.stats_grad(
                 s,
@@ -232,13 +275,9 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
             )
             dl = jnp.where(take_rows[:, None] & col_new[None, :], dl, 0.0)
             dl_c = dl.astype(x.dtype)
-            dx_blk = jax.lax.dot_general(
-                dl_c, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=f32
-            )
+            dx_blk = _dx_product(dl_c, w_blk, va, f32)
             dx = jax.lax.dynamic_update_slice_in_dim(dx, sl(dx) + dx_blk, tstart, 0)
-            dw_acc = dw_acc + jax.lax.dot_general(
-                x_blk, dl_c, (((0,), (0,)), ((), ())), preferred_element_type=f32
-            )
+            dw_acc = dw_acc + _dw_product(x_blk, dl_c, va, f32)
             if db_acc is not None:
                 db_acc = db_acc + jnp.sum(dl, axis=0)
             return dx, dw_acc, db_acc
@@ -246,9 +285,9 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
         dw_acc0 = jnp.zeros_like(w_blk, dtype=f32)
         db_acc0 = None if b_blk is None else jnp.zeros_like(b_blk, dtype=f32)
         dx, dw_acc, db_acc = jax.lax.fori_loop(0, nt, t_body, (dx, dw_acc0, db_acc0))
-        old = jax.lax.dynamic_slice_in_dim(dw, vstart, vc, axis=1)
+        old = _w_slice(dw, vstart, vc, va)
         dw = jax.lax.dynamic_update_slice_in_dim(
-            dw, jnp.where(col_new[None, :], dw_acc.astype(w.dtype), old), vstart, 1
+            dw, jnp.where(_vocab_mask(col_new, va), dw_acc.astype(w.dtype), old), vstart, va
         )
         if db is not None:
             old_b = jax.lax.dynamic_slice_in_dim(db, vstart, vc)
@@ -261,29 +300,43 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
     return dx.astype(x.dtype), dw, db
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def chunked_stats(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, vc: int):
+def _stored(w, layout: str):
+    """(array to read, its vocabulary axis) for a ``[D, V]`` ``w``."""
+    if layout == "embedding" or (layout == "auto" and is_transposed_matrix(w)):
+        return w.T, 0  # cancels against the caller's transpose: no copy
+    return w, 1
+
+
+def chunked_stats(
+    x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, vc: int, layout: str = "auto"
+) -> TokenStats:
     """Per-token statistics over ``w``'s columns, differentiable, never ``[N, V]``.
 
     ``labels`` are global ids; ``w``'s column ``j`` is vocabulary id
     ``vocab_offset + j`` (0 unless ``w`` is a vocabulary shard).
     """
-    return _stats_forward(x, w, bias, labels, valid, vocab_offset, hp, tn, vc)
+    w_s, va = _stored(w, layout)
+    return _chunked_stats(x, w_s, bias, labels, valid, vocab_offset, hp, tn, vc, va)
 
 
-def _chunked_stats_fwd(x, w, bias, labels, valid, vocab_offset, hp, tn, vc):
-    stats = _stats_forward(x, w, bias, labels, valid, vocab_offset, hp, tn, vc)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _chunked_stats(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, vc: int, va: int):
+    return _stats_forward(x, w, bias, labels, valid, vocab_offset, hp, tn, vc, va)
+
+
+def _chunked_stats_fwd(x, w, bias, labels, valid, vocab_offset, hp, tn, vc, va):
+    stats = _stats_forward(x, w, bias, labels, valid, vocab_offset, hp, tn, vc, va)
     return stats, (x, w, bias, labels, valid, vocab_offset, stats.lse)
 
 
-def _chunked_stats_bwd(hp, tn, vc, res, ct):
+def _chunked_stats_bwd(hp, tn, vc, va, res, ct):
     x, w, bias, labels, valid, vocab_offset, lse = res
     cts = (ct.lse, ct.label_logit, ct.sum_logits)
-    dx, dw, db = _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, vc)
+    dx, dw, db = _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, vc, va)
     return dx, dw, db, None, None, None
 
 
-chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
+_chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
 
 
 # --------------------------------------------------------------------------------------
@@ -291,33 +344,31 @@ chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
 # --------------------------------------------------------------------------------------
 
 
-def _accumulate_columns(acc, x_blk, dl, vc: int):
-    """``acc += x_blk.T @ dl`` one column chunk at a time.
+def _accumulate_columns(acc, x_blk, dl, vc: int, va: int):
+    """``acc += x_blk.T @ dl`` (in ``w``'s stored orientation) one vocab chunk at a time.
 
     A single ``[D, V]`` product would be a second ``w``-sized temporary (XLA does not
     accumulate a matmul into an existing buffer); per chunk, only ``[D, vc]`` is.
     """
-    v = acc.shape[1]
+    v = acc.shape[va]
     vc = min(vc, v)
 
     def body(j, acc):
         start, nom = _chunk_start(j, vc, v)
-        fresh = (start + jnp.arange(vc)) >= nom
+        fresh = _vocab_mask((start + jnp.arange(vc)) >= nom, va)
         dl_blk = jax.lax.dynamic_slice_in_dim(dl, start, vc, axis=1)
-        prod = jax.lax.dot_general(
-            x_blk, dl_blk, (((0,), (0,)), ((), ())), preferred_element_type=acc.dtype
-        )
-        old = jax.lax.dynamic_slice_in_dim(acc, start, vc, axis=1)
+        prod = _dw_product(x_blk, dl_blk, va, acc.dtype)
+        old = _w_slice(acc, start, vc, va)
         return jax.lax.dynamic_update_slice_in_dim(
-            acc, jnp.where(fresh[None, :], old + prod, old), start, 1
+            acc, jnp.where(fresh, old + prod, old), start, va
         )
 
     return jax.lax.fori_loop(0, cdiv(v, vc), body, acc)
 
 
-def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int):
+def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: int):
     n, d = x.shape
-    v = w.shape[1]
+    v = w.shape[va]
     nt = cdiv(n, tn)
     f32 = _ce_math.acc_dtype(x.dtype)
     zero = jnp.zeros((), x.dtype)
@@ -328,7 +379,7 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int):
         jnp.zeros((n,), f32),  # lse
         jnp.zeros((n,), jnp.int32),  # argmax
         jnp.zeros((n, d), x.dtype),  # dx
-        jnp.zeros((d, v), f32),  # dw accumulator
+        jnp.zeros(w.shape, f32),  # dw accumulator (stored orientation)
         None if bias is None else jnp.zeros((v,), f32),
     )
 
@@ -341,7 +392,7 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int):
         take = rows_new & val
         x_blk = jnp.where(take[:, None], sl(x), zero)
         lab = sl(labels)
-        s = _block(x_blk, w, b, hp.softcap)
+        s = _block(x_blk, w, b, hp.softcap, va)
         lse = jax.nn.logsumexp(s, axis=1)
         is_label = lab[:, None] == cols[None, :]
         lab_logit = jnp.sum(jnp.where(is_label, s, 0.0), axis=1)
@@ -366,7 +417,7 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int):
             cap=hp.softcap,
         )
         dl_c = dl.astype(x.dtype)
-        dx_blk = jax.lax.dot_general(dl_c, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+        dx_blk = _dx_product(dl_c, w, va, f32)
         upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
             buf,
             jnp.where(rows_new.reshape((tn,) + (1,) * (new.ndim - 1)), new, sl(buf)),
@@ -377,7 +428,7 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int):
         lse_c = upd(lse_c, lse)
         arg_c = upd(arg_c, jnp.argmax(s, axis=1).astype(jnp.int32))
         dx = upd(dx, dx_blk.astype(x.dtype))
-        dw = _accumulate_columns(dw, x_blk, dl_c, vc)
+        dw = _accumulate_columns(dw, x_blk, dl_c, vc, va)
         if db is not None:
             db = db + jnp.sum(dl, axis=0)
         return loss_c, lse_c, arg_c, dx, dw, db
@@ -385,50 +436,50 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int):
     return jax.lax.fori_loop(0, nt, t_body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: int):
     # Without differentiation only the statistics are needed: one matmul per block.
-    stats = _stats_forward(x, w, bias, labels, valid, 0, hp, tn, vc)
-    out = loss_from_stats(stats, labels, valid, coef, hp, w.shape[1], per_token=False)
+    stats = _stats_forward(x, w, bias, labels, valid, 0, hp, tn, vc, va)
+    out = loss_from_stats(stats, labels, valid, coef, hp, w.shape[va], per_token=False)
     return out.loss, out.lse, stats.argmax
 
 
-def _gif_fwd(x, w, bias, labels, valid, coef, hp, tn, vc):
-    loss, lse, arg, dx, dw, db = _gif_pass(x, w, bias, labels, valid, coef, hp, tn, vc)
-    loss = _ce_math.nan_if_bad_label(loss, labels, w.shape[1], valid)
+def _gif_fwd(x, w, bias, labels, valid, coef, hp, tn, vc, va):
+    loss, lse, arg, dx, dw, db = _gif_pass(x, w, bias, labels, valid, coef, hp, tn, vc, va)
+    loss = _ce_math.nan_if_bad_label(loss, labels, w.shape[va], valid)
     # Empty arrays carry the primal dtypes the scaled gradients are cast back to.
     dtypes = (jnp.zeros((0,), w.dtype), None if bias is None else jnp.zeros((0,), bias.dtype))
     total = jnp.sum(jnp.where(valid, loss * coef, 0.0))
     return (total, lse, arg), (loss, dx, dw, db, dtypes)
 
 
-def _scale_in_place(buf, g, out_dtype, chunk: int):
-    """``(g * buf).astype(out_dtype)`` along axis 1 in chunks.
+def _scale_in_place(buf, g, out_dtype, chunk: int, axis: int):
+    """``(g * buf).astype(out_dtype)`` along ``axis`` in chunks.
 
     Written as a loop of slice updates so that XLA can reuse ``buf`` (a dead residual)
     for the result instead of allocating a second ``buf``-sized buffer.
     """
     if buf.dtype != out_dtype:
         return (g * buf).astype(out_dtype)
-    total = buf.shape[1]
+    total = buf.shape[axis]
     chunk = min(chunk, total)
 
     def body(j, buf):
         start, nom = _chunk_start(j, chunk, total)
-        old = jax.lax.dynamic_slice_in_dim(buf, start, chunk, axis=1)
-        fresh = (start + jnp.arange(chunk)) >= nom
-        new = jnp.where(fresh[None, :], g.astype(buf.dtype) * old, old)
-        return jax.lax.dynamic_update_slice_in_dim(buf, new, start, 1)
+        old = _w_slice(buf, start, chunk, axis)
+        fresh = _vocab_mask((start + jnp.arange(chunk)) >= nom, axis)
+        new = jnp.where(fresh, g.astype(buf.dtype) * old, old)
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis)
 
     return jax.lax.fori_loop(0, cdiv(total, chunk), body, buf)
 
 
-def _gif_bwd(hp, tn, vc, res, ct):
+def _gif_bwd(hp, tn, vc, va, res, ct):
     loss, dx, dw, db, (w_dt, b_dt) = res
     g = ct[0]
     return (
         g.astype(dx.dtype) * dx,
-        _scale_in_place(dw, g, w_dt.dtype, max(vc, 1024)),
+        _scale_in_place(dw, g, w_dt.dtype, max(vc, 1024), va),
         None if db is None else (g * db).astype(b_dt.dtype),
         None,
         None,
@@ -458,8 +509,9 @@ def linear_cross_entropy_xla(
             _, _, vc_stats = XlaConfig(
                 strategy="recompute", block_bytes=config.block_bytes
             ).resolve(n, d, v, w.dtype, True)
-            loss, lse, arg = _gif_loss(x, w, bias, labels, valid, coef, hp, tn, vc_stats)
+            w_s, va = _stored(w, config.w_layout)
+            loss, lse, arg = _gif_loss(x, w_s, bias, labels, valid, coef, hp, tn, vc_stats, va)
             correct = valid & (arg == labels)
             return ImplOutput(loss, jax.lax.stop_gradient(jnp.where(valid, lse, 0.0)), correct)
-        stats = chunked_stats(x, w, bias, labels, valid, jnp.int32(0), hp, tn, vc)
+        stats = chunked_stats(x, w, bias, labels, valid, jnp.int32(0), hp, tn, vc, config.w_layout)
         return loss_from_stats(stats, labels, valid, coef, hp, v, per_token)
