@@ -138,6 +138,29 @@ def test_interpret_flag_reaches_every_pallas_call(impl, config, kernels):
         assert eqn.params["interpret"] == config.interpret
 
 
+@pytest.mark.parametrize(
+    "impl, config",
+    [("pallas_gpu", GPU), ("pallas_gpu", GPU_KERNELS), ("pallas_tpu", TPU)],
+    ids=["gpu-dlogits", "gpu-kernels", "tpu"],
+)
+def test_tied_embedding_reaches_every_kernel_as_stored(impl, config):
+    """``w = embedding.T``: each kernel reads the [V, D] embedding itself (a [D, V]
+    operand there would be a transposed copy made by XLA before the call)."""
+    x, w, bias, labels, _ = _inputs(37, 24, 123)
+    emb = jnp.asarray(np.asarray(w).T)
+
+    def loss(x, e, bias):
+        return fusedloss.linear_cross_entropy(
+            x, e.T, labels, bias=bias, implementation=impl, config=config
+        )
+
+    calls = _pallas_calls(jax.make_jaxpr(jax.value_and_grad(loss, (0, 1, 2)))(x, emb, bias))
+    assert calls
+    for eqn in calls:
+        shapes = [v.aval.shape for v in eqn.invars]
+        assert (123, 24) in shapes and (24, 123) not in shapes, (eqn.params["name"], shapes)
+
+
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_without_interpret_off_backend_raises_or_falls_back(impl):
     x, w, _, labels, _ = _inputs(8, 16, 40)
@@ -176,8 +199,9 @@ def test_config_validation():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("w_vd", [False, True], ids=["w_dv", "w_vd"])
 @pytest.mark.parametrize("case", list(STATS_CASES))
-def test_stats_core_matches_reference_autodiff(case):
+def test_stats_core_matches_reference_autodiff(case, w_vd):
     # A vocabulary shard: w holds ids [500, 500 + 2049); about half of the labels lie
     # outside it (label logit 0 there), and the shard boundary falls mid-tile.
     n, d, v, offset = 37, 24, 2049, 500
@@ -191,7 +215,12 @@ def test_stats_core_matches_reference_autodiff(case):
     cts = jnp.asarray(np.random.default_rng(3).standard_normal((3, n), np.float32))
 
     def fused(x, w, bias):
-        stats = stats_fn(x, w, bias, labels, valid, jnp.int32(offset), hp, plan)
+        if w_vd:  # the kernels read the [V, D] array (tied embeddings) and return its grad
+            stats = stats_fn(
+                x, w.T, bias, labels, valid, jnp.int32(offset), hp, plan._replace(w_vd=True)
+            )
+        else:
+            stats = stats_fn(x, w, bias, labels, valid, jnp.int32(offset), hp, plan)
         total = stats.lse @ cts[0] + stats.label_logit @ cts[1] + stats.sum_logits @ cts[2]
         return total, stats
 
@@ -324,8 +353,9 @@ def test_tpu_interpreter_reads_padding_as_nan():
 # --------------------------------------------------------------------------------------
 
 
-def _export_for(monkeypatch, platform, impl, config, dtype, n=300, d=256, v=1000):
-    """Lowers value_and_grad for ``platform`` (Triton / Mosaic lowering runs here)."""
+def _export_for(monkeypatch, platform, impl, config, dtype, n=300, d=256, v=1000, tied=False):
+    """Lowers value_and_grad for ``platform`` (Triton / Mosaic lowering runs here);
+    with ``tied``, ``w`` is passed as ``embedding.T``."""
     # Off-target the implementation refuses to run; here only its lowering is tested.
     module = importlib.import_module(f"fusedloss.linear_cross_entropy.{impl}")
     monkeypatch.setattr(module, "_check_supported", lambda *a: None)
@@ -333,7 +363,7 @@ def _export_for(monkeypatch, platform, impl, config, dtype, n=300, d=256, v=1000
     def loss(x, w, bias, labels):
         return fusedloss.linear_cross_entropy(
             x,
-            w,
+            w.T if tied else w,
             labels,
             bias=bias,
             implementation=impl,
@@ -345,7 +375,7 @@ def _export_for(monkeypatch, platform, impl, config, dtype, n=300, d=256, v=1000
 
     args = (
         jax.ShapeDtypeStruct((n, d), dtype),
-        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((v, d) if tied else (d, v), dtype),
         jax.ShapeDtypeStruct((v,), jnp.float32),
         jax.ShapeDtypeStruct((n,), jnp.int32),
     )
@@ -361,8 +391,9 @@ def _export_for(monkeypatch, platform, impl, config, dtype, n=300, d=256, v=1000
     "backward, kernels",
     [("dlogits", ["fwd", "bwd_dlogits"]), ("kernels", ["fwd", "bwd_dx", "bwd_dw"])],
 )
+@pytest.mark.parametrize("tied", [False, True], ids=["w", "embedding_T"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_gpu_kernels_lower_to_triton_with_h100_tiles(monkeypatch, dtype, backward, kernels):
+def test_gpu_kernels_lower_to_triton_with_h100_tiles(monkeypatch, dtype, backward, kernels, tied):
     bt, bv, bd, warps, stages = _default_tiles("NVIDIA H100 80GB HBM3", jnp.dtype(dtype).itemsize)
     config = PallasGpuConfig(
         block_tokens=bt,
@@ -372,7 +403,7 @@ def test_gpu_kernels_lower_to_triton_with_h100_tiles(monkeypatch, dtype, backwar
         num_stages=stages,
         backward=backward,
     )
-    text = _export_for(monkeypatch, "cuda", "pallas_gpu", config, dtype)
+    text = _export_for(monkeypatch, "cuda", "pallas_gpu", config, dtype, tied=tied)
     for k in kernels:
         launch = (
             f'name = "fusedloss_lce_{k}", num_stages = {stages} : i32, num_warps = {warps} : i32'
@@ -380,8 +411,10 @@ def test_gpu_kernels_lower_to_triton_with_h100_tiles(monkeypatch, dtype, backwar
         assert launch in text
 
 
-def test_tpu_kernels_lower_to_mosaic(monkeypatch):
-    text = _export_for(monkeypatch, "tpu", "pallas_tpu", PallasTpuConfig(), jnp.bfloat16)
+@pytest.mark.parametrize("tied", [False, True], ids=["w", "embedding_T"])
+def test_tpu_kernels_lower_to_mosaic(monkeypatch, tied):
+    config = PallasTpuConfig()
+    text = _export_for(monkeypatch, "tpu", "pallas_tpu", config, jnp.bfloat16, tied=tied)
     assert text.count("tpu_custom_call") >= 3
 
 

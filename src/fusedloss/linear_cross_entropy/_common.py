@@ -221,7 +221,9 @@ def make_kernel_implementation(name: str, config_type: type, stats_core, check_s
 
     ``check_supported(x, config)`` raises ``NotImplementedError`` where the kernel
     cannot run (so that ``implementation=None`` falls back); ``config.resolve(n, d,
-    v, dtype)`` gives the static plan handed to ``stats_core``.
+    v, dtype)`` gives the static plan handed to ``stats_core``. The plan has a field
+    ``w_vd``: when set, the core receives ``w`` as its ``[V, D]`` transpose and
+    returns that array's gradient.
     """
 
     def implementation(x, w, bias, labels, valid, coef, *, hp: Hyper, per_token: bool, config):
@@ -235,6 +237,10 @@ def make_kernel_implementation(name: str, config_type: type, stats_core, check_s
         n, d = x.shape
         v = w.shape[1]
         plan = config.resolve(n, d, v, x.dtype)
+        if is_transposed_matrix(w):
+            # Tied embeddings: the kernels read the [V, D] array behind ``w`` (``w.T``
+            # cancels against the caller's transpose), so no copy of ``w`` is made.
+            w, plan = w.T, plan._replace(w_vd=True)
         with jax.named_scope(f"fusedloss_lce_{name}"):
             stats = stats_core(x, w, bias, labels, valid, jnp.int32(0), hp, plan)
             return loss_from_stats(stats, labels, valid, coef, hp, v, per_token)

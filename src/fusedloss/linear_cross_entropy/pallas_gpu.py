@@ -210,6 +210,7 @@ class _Plan(NamedTuple):
     chunk: int  # vocabulary columns per backward chunk
     group: int
     interpret: bool
+    w_vd: bool = False  # w is held as its [V, D] transpose (tied embeddings)
 
 
 def _device_info() -> tuple[str, int]:
@@ -257,6 +258,7 @@ class _Static(NamedTuple):
     acc: Any  # accumulation dtype
     in_dtype: Any  # x / w dtype
     interpret: bool
+    w_vd: bool  # w tiles are [bv, bd] pieces of the [V, D] embedding, not [bd, bv]
 
     @property
     def precision(self):
@@ -298,6 +300,21 @@ def _d_slice(st: _Static, k):
     return k0, k_ok
 
 
+def _w_tile(st: _Static, w_ref, k0, k_ok, c0, cols_ok):
+    """``w[k0:k0+bd, c0:c0+bv]`` as stored: ``[bd, bv]``, or ``[bv, bd]`` if ``w_vd``."""
+    if st.w_vd:
+        ref, mask = (
+            w_ref.at[pl.ds(c0, st.bv), pl.ds(k0, st.bd)],
+            _outer(cols_ok, k_ok, st.bv, st.bd),
+        )
+    else:
+        ref, mask = (
+            w_ref.at[pl.ds(k0, st.bd), pl.ds(c0, st.bv)],
+            _outer(k_ok, cols_ok, st.bd, st.bv),
+        )
+    return _load(ref, mask, 0.0)
+
+
 def _logits_tile(st: _Static, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok):
     """Softcapped float32 logits of rows ``r0 + [0, bt)`` and columns ``c0 + [0, bv)``."""
 
@@ -308,13 +325,9 @@ def _logits_tile(st: _Static, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok):
             _outer(rows_ok, k_ok, st.bt, st.bd),
             0.0,
         )
-        wb = _load(
-            w_ref.at[pl.ds(k0, st.bd), pl.ds(c0, st.bv)],
-            _outer(k_ok, cols_ok, st.bd, st.bv),
-            0.0,
-        )
+        wb = _w_tile(st, w_ref, k0, k_ok, c0, cols_ok)
         return acc + lax.dot_general(
-            xb, wb, _NN, precision=st.precision, preferred_element_type=st.acc
+            xb, wb, _NT if st.w_vd else _NN, precision=st.precision, preferred_element_type=st.acc
         )
 
     z = _fori(cdiv(st.d, st.bd), body, jnp.zeros((st.bt, st.bv), st.acc))
@@ -451,13 +464,13 @@ def _dx_kernel(x_ref, w_ref, *refs, st: _Static, tiles_per_split: int, nv: int):
 
         def k_body(k, carry):
             k0, k_ok = _d_slice(st, k)
-            wb = _load(
-                w_ref.at[pl.ds(k0, st.bd), pl.ds(c0, st.bv)],
-                _outer(k_ok, cols_ok, st.bd, st.bv),
-                0.0,
-            )
+            wb = _w_tile(st, w_ref, k0, k_ok, c0, cols_ok)
             upd = lax.dot_general(
-                dl, wb, _NT, precision=st.precision, preferred_element_type=st.acc
+                dl,
+                wb,
+                _NN if st.w_vd else _NT,
+                precision=st.precision,
+                preferred_element_type=st.acc,
             )
             ref = dx_ref.at[pl.ds(base, st.bt), pl.ds(k0, st.bd)]
             mask = _outer(rows_ok, k_ok, st.bt, st.bd)
@@ -489,13 +502,16 @@ def _dw_kernel(x_ref, w_ref, *refs, st: _Static, chunk: int):
     nk = cdiv(st.d, st.bd)
     nt = cdiv(st.n, st.bt)
 
+    def dw_tile(k0, k_ok):
+        """The ``dw`` tile of this program at ``k0`` (as stored) and its mask."""
+        if st.w_vd:
+            ref = dw_ref.at[pl.ds(lc0, st.bv), pl.ds(k0, st.bd)]
+            return ref, _outer(cols_ok, k_ok, st.bv, st.bd)
+        return dw_ref.at[pl.ds(k0, st.bd), pl.ds(lc0, st.bv)], _outer(k_ok, cols_ok, st.bd, st.bv)
+
     def zero(k, carry):
-        k0, k_ok = _d_slice(st, k)
-        _store(
-            dw_ref.at[pl.ds(k0, st.bd), pl.ds(lc0, st.bv)],
-            jnp.zeros((st.bd, st.bv), st.acc),
-            _outer(k_ok, cols_ok, st.bd, st.bv),
-        )
+        ref, mask = dw_tile(*_d_slice(st, k))
+        _store(ref, jnp.zeros(ref.shape, st.acc), mask)
         return carry
 
     _fori(nk, zero, 0)
@@ -516,11 +532,9 @@ def _dw_kernel(x_ref, w_ref, *refs, st: _Static, chunk: int):
                 _outer(ok, k_ok, st.bt, st.bd),
                 0.0,
             )
-            upd = lax.dot_general(
-                xb, dl_c, _TN, precision=st.precision, preferred_element_type=st.acc
-            )
-            ref = dw_ref.at[pl.ds(k0, st.bd), pl.ds(lc0, st.bv)]
-            mask = _outer(k_ok, cols_ok, st.bd, st.bv)
+            a, b = (dl_c, xb) if st.w_vd else (xb, dl_c)
+            upd = lax.dot_general(a, b, _TN, precision=st.precision, preferred_element_type=st.acc)
+            ref, mask = dw_tile(k0, k_ok)
             _store(ref, _load(ref, mask, 0.0) + upd, mask)
             return carry
 
@@ -583,7 +597,7 @@ def _static(x, w, bias, hp: Hyper, plan: _Plan) -> _Static:
     return _Static(
         n=n,
         d=d,
-        v=w.shape[1],
+        v=w.shape[0] if plan.w_vd else w.shape[1],
         bt=plan.bt,
         bv=plan.bv,
         bd=plan.bd,
@@ -592,6 +606,7 @@ def _static(x, w, bias, hp: Hyper, plan: _Plan) -> _Static:
         acc=_ce_math.acc_dtype(x.dtype),
         in_dtype=x.dtype,
         interpret=plan.interpret,
+        w_vd=plan.w_vd,
     )
 
 
@@ -665,11 +680,14 @@ def _over_chunks(v: int, chunk: int, chunk_grads, init):
     return _fori(num, body, init)
 
 
-def _put_columns(buf, new, start, fresh):
-    """``buf[:, start:start + k] = new`` (``buf[start:...]`` if 1-D) for columns >= fresh."""
-    axis = buf.ndim - 1
+def _put_columns(buf, new, start, fresh, axis: int = -1):
+    """``buf[..., start:start + k, ...] = new`` along the vocabulary ``axis`` (the
+    last by default), for vocabulary ids >= fresh."""
+    axis = axis % buf.ndim
     k = new.shape[axis]
     keep = (start + lax.iota(jnp.int32, k)) >= fresh
+    if axis == 0 and buf.ndim == 2:
+        keep = keep[:, None]
     old = lax.dynamic_slice_in_dim(buf, start, k, axis=axis)
     return lax.dynamic_update_slice_in_dim(
         buf, jnp.where(keep, new.astype(buf.dtype), old), start, axis
@@ -690,12 +708,15 @@ def _backward_dlogits(st: _Static, plan: _Plan, x, w, bias, valid, head, row_arg
     xz = jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
     dims = dict(precision=st.precision, preferred_element_type=st.acc)
 
+    va = 0 if st.w_vd else 1  # w's vocabulary axis
+
     def chunk_grads(start, fresh, carry):
         dx, dw, db = carry
         dl, db_parts = dl_call(*head, jnp.stack([start, fresh]).astype(jnp.int32), *row_args)
-        w_c = lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
-        dx = dx + lax.dot_general(dl, w_c, _NT, **dims)
-        dw = _put_columns(dw, lax.dot_general(xz, dl, _TN, **dims), start, fresh)
+        w_c = lax.dynamic_slice_in_dim(w, start, chunk, axis=va)
+        dx = dx + lax.dot_general(dl, w_c, _NN if st.w_vd else _NT, **dims)
+        dw_c = lax.dot_general(*((dl, xz) if st.w_vd else (xz, dl)), _TN, **dims)
+        dw = _put_columns(dw, dw_c, start, fresh, axis=va)
         if db is not None:
             db = _put_columns(db, jnp.sum(db_parts.reshape(nt, chunk), axis=0), start, fresh)
         return dx, dw, db
@@ -726,14 +747,17 @@ def _backward_kernels(st: _Static, plan: _Plan, x, w, bias, head, row_args):
         functools.partial(_dw_kernel, st=st, chunk=chunk),
         plan,
         (cdiv(chunk, st.bv),),
-        [jax.ShapeDtypeStruct((d, chunk), st.acc), jax.ShapeDtypeStruct((chunk,), st.acc)],
+        [
+            jax.ShapeDtypeStruct((chunk, d) if st.w_vd else (d, chunk), st.acc),
+            jax.ShapeDtypeStruct((chunk,), st.acc),
+        ],
         "fusedloss_lce_bwd_dw",
     )
 
     def chunk_grads(start, fresh, carry):
         dw, db = carry
         dw32, db32 = dw_call(*head, jnp.reshape(start, (1,)).astype(jnp.int32), *row_args)
-        dw = _put_columns(dw, dw32, start, fresh)
+        dw = _put_columns(dw, dw32, start, fresh, axis=0 if st.w_vd else 1)
         if db is not None:
             db = _put_columns(db, db32, start, fresh)
         return dw, db

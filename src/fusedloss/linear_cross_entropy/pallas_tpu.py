@@ -125,6 +125,7 @@ class _Plan(NamedTuple):
     bv: int
     vmem_limit_bytes: int
     interpret: Any
+    w_vd: bool = False  # w is held as its [V, D] transpose (tied embeddings)
 
 
 def _vmem_estimate(bt: int, bv: int, d: int, itemsize: int) -> int:
@@ -148,6 +149,7 @@ class _Static(NamedTuple):
     hp: Hyper
     acc: Any
     in_dtype: Any
+    w_vd: bool  # w blocks are [bv, D] rows of the [V, D] embedding, not [D, bv]
 
     @property
     def precision(self):
@@ -168,7 +170,8 @@ def _cols(st: _Static, j):
 
 
 def _logits(st: _Static, x, w, b_ref):
-    z = lax.dot_general(x, w, _NN, precision=st.precision, preferred_element_type=st.acc)
+    dims = _NT if st.w_vd else _NN
+    z = lax.dot_general(x, w, dims, precision=st.precision, preferred_element_type=st.acc)
     if b_ref is not None:
         z = z + b_ref[...].astype(st.acc)
     return _ce_math.softcap(z, st.hp.softcap)
@@ -264,10 +267,14 @@ def _dx_kernel(x_ref, w_ref, *refs, st: _Static):
     w = w_ref[...]
     s = _logits(st, x_ref[...], w, b_ref)
     dl = _dlogits(st, s, cols, cols_ok, row_refs, _row_ok(st, i))
-    if cols_ok is not None:
-        w = jnp.where(cols_ok, w, jnp.zeros((), w.dtype))  # the edge block's padding
+    if cols_ok is not None:  # the edge block's padding
+        w = jnp.where(cols_ok.T if st.w_vd else cols_ok, w, jnp.zeros((), w.dtype))
     acc_sc[...] += lax.dot_general(
-        dl.astype(st.in_dtype), w, _NT, precision=st.precision, preferred_element_type=st.acc
+        dl.astype(st.in_dtype),
+        w,
+        _NN if st.w_vd else _NT,
+        precision=st.precision,
+        preferred_element_type=st.acc,
     )
 
     @pl.when(j == pl.num_programs(1) - 1)
@@ -305,7 +312,8 @@ def _dw_kernel(x_ref, w_ref, *refs, st: _Static):
 
     @pl.when(i == pl.num_programs(1) - 1)
     def _finish():
-        dw_ref[...] = acc_sc[...].T.astype(dw_ref.dtype)
+        acc = acc_sc[...]
+        dw_ref[...] = (acc if st.w_vd else acc.T).astype(dw_ref.dtype)
         db_ref[...] = db_sc[...].astype(db_ref.dtype)
 
 
@@ -319,13 +327,14 @@ def _static(x, w, bias, hp: Hyper, plan: _Plan) -> _Static:
     return _Static(
         n=n,
         d=d,
-        v=w.shape[1],
+        v=w.shape[0] if plan.w_vd else w.shape[1],
         bt=plan.bt,
         bv=plan.bv,
         has_bias=bias is not None,
         hp=hp,
         acc=_ce_math.acc_dtype(x.dtype),
         in_dtype=x.dtype,
+        w_vd=plan.w_vd,
     )
 
 
@@ -353,7 +362,10 @@ def _specs(st: _Static, token_axis: int):
         return g[token_axis], g[1 - token_axis]
 
     x_spec = pl.BlockSpec((st.bt, st.d), lambda *g: (idx(*g)[0], 0))
-    w_spec = pl.BlockSpec((st.d, st.bv), lambda *g: (0, idx(*g)[1]))
+    if st.w_vd:
+        w_spec = pl.BlockSpec((st.bv, st.d), lambda *g: (idx(*g)[1], 0))
+    else:
+        w_spec = pl.BlockSpec((st.d, st.bv), lambda *g: (0, idx(*g)[1]))
     b_spec = pl.BlockSpec((1, st.bv), lambda *g: (0, idx(*g)[1]))
     row_spec = pl.BlockSpec((st.bt, 1), lambda *g: (idx(*g)[0], 0))
     return x_spec, w_spec, b_spec, row_spec
@@ -420,16 +432,17 @@ def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
 
     args, specs, row_spec = _head(x, w, bias, st, 1)
     b_dtype = acc if bias is None else bias.dtype
+    if st.w_vd:
+        dw_spec = pl.BlockSpec((st.bv, d), lambda j, i: (j, 0))
+    else:
+        dw_spec = pl.BlockSpec((d, st.bv), lambda j, i: (0, j))
     dw, db = _call(
         functools.partial(_dw_kernel, st=st),
         plan,
         (nv, nt),
         [*specs] + [row_spec] * 6,
-        [
-            pl.BlockSpec((d, st.bv), lambda j, i: (0, j)),
-            pl.BlockSpec((1, st.bv), lambda j, i: (0, j)),
-        ],
-        [jax.ShapeDtypeStruct((d, v), w.dtype), jax.ShapeDtypeStruct((1, v), b_dtype)],
+        [dw_spec, pl.BlockSpec((1, st.bv), lambda j, i: (0, j))],
+        [jax.ShapeDtypeStruct(w.shape, w.dtype), jax.ShapeDtypeStruct((1, v), b_dtype)],
         [pltpu.VMEM((st.bv, d), acc), pltpu.VMEM((1, st.bv), acc)],
         ("parallel", "arbitrary"),
         "fusedloss_lce_bwd_dw",
