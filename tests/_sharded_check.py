@@ -289,6 +289,29 @@ def group_explicit():
 
     run_case("explicit-set_mesh", explicit)
 
+    def plain_entry():
+        # fusedloss.linear_cross_entropy itself on inputs split over Explicit axes: x
+        # and the labels by batch, w48 (and its bias) by vocabulary. It runs per shard,
+        # and the gradients keep their primal's sharding.
+        shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+        placed = dict(data, w48=shard(data["w48"], P(None, "model")))
+        placed["b48"] = shard(data["b48"], P("model"))
+        for k in ("x", "labels", "where", "weights", "r"):
+            placed[k] = shard(data[k], P("data"))
+        with jax.set_mesh(mesh):
+            out = jax.jit(lambda d: evaluate(fusedloss.linear_cross_entropy, d, CASES["all_mean"]))(
+                placed
+            )
+        if err := compare(out, want["all_mean"]):
+            return err
+        _, (dx, dw, _) = out
+        for name, g, spec in (("dx", dx, P("data")), ("dw", dw, P(None, "model"))):
+            if tuple(g.sharding.spec)[: len(spec)] != tuple(spec):
+                return f"{name} sharding {g.sharding.spec}, expected {spec}"
+        return ""
+
+    run_case("explicit-plain_entry", plain_entry)
+
     def bf16():
         # Same bf16 inputs through the unsharded xla path and the sharded one.
         x, w = data["x"].astype(jnp.bfloat16), data["w48"].astype(jnp.bfloat16)

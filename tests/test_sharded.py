@@ -95,8 +95,11 @@ def test_in_users_shard_map_check_vma():
 
 
 def test_explicit_mesh_and_bf16():
-    """Explicit axes with the mesh from jax.set_mesh and unsharded inputs; bf16."""
-    assert_all_ok(run_check("explicit"), {"explicit-set_mesh", "explicit-bf16"})
+    """Explicit axes with the mesh from jax.set_mesh and unsharded inputs; the plain
+    linear_cross_entropy on inputs split over Explicit axes; bf16."""
+    assert_all_ok(
+        run_check("explicit"), {"explicit-set_mesh", "explicit-plain_entry", "explicit-bf16"}
+    )
 
 
 def test_tied_embeddings_on_a_mesh():

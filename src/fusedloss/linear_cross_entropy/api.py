@@ -8,6 +8,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
 
 from fusedloss import _ce_math, _checks
 from fusedloss.linear_cross_entropy._common import (
@@ -108,6 +109,33 @@ def _candidates(implementation) -> tuple[tuple[str, ...], bool]:
     return names, explicit
 
 
+def _explicit_axes(a) -> tuple[Any, list[tuple[str, ...]]]:
+    """(mesh, per-dimension Explicit mesh axes) of an array's type; no axes if none."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return None, [() for _ in range(a.ndim)]
+    explicit = {
+        n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t == AxisType.Explicit
+    }
+    dims = []
+    for entry in tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec)):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        dims.append(tuple(n for n in names if n in explicit))
+    return mesh, dims
+
+
+def _sharded_layout(x, w):
+    """(mesh, data axes, model axes) when ``x`` or ``w`` is split over Explicit mesh
+    axes (``jax.set_mesh`` with ``AxisType.Explicit``), else None."""
+    mesh_x, dims_x = _explicit_axes(x)
+    mesh_w, dims_w = _explicit_axes(w)
+    if not any(dims_x) and not any(dims_w):
+        return None
+    mesh = mesh_x if any(dims_x) else mesh_w
+    return mesh, dims_x[0] if x.ndim > 1 else (), dims_w[1]
+
+
 def linear_cross_entropy(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,
@@ -158,6 +186,11 @@ def linear_cross_entropy(
         ``"pallas_gpu"``, ``"pallas_tpu"``, or a sequence tried in order.
       config: the implementation's tuning dataclass, e.g. :class:`XlaConfig`.
 
+    Inputs split over ``Explicit`` mesh axes (the first axis of ``x`` over data axes,
+    the columns of ``w`` over model axes) run per shard, as
+    :func:`~fusedloss.linear_cross_entropy.sharded.sharded_linear_cross_entropy` on
+    those axes (the ``xla`` core's ``recompute`` strategy on each device).
+
     Returns:
       The loss (``labels``' shape for ``"none"``, else a scalar), and the aux
       outputs if ``return_aux``. An included token whose label lies outside
@@ -192,6 +225,44 @@ def linear_cross_entropy(
         where = None if where is None else where[..., shift:]
         weights = None if weights is None else weights[..., shift:]
     names, explicit = _candidates(implementation)
+
+    # ---- inputs split over Explicit mesh axes: run per shard ---------------------------
+    layout = None if names == ("reference",) else _sharded_layout(x, w)
+    if layout is not None:
+        if "xla" not in names:
+            raise NotImplementedError(
+                f"`x`/`w` are split over Explicit mesh axes; implementation={implementation!r} "
+                "does not run per shard there. Use implementation=None or 'xla' (per-shard "
+                "chunked core), or 'reference'."
+            )
+        if isinstance(config, XlaConfig) and config.strategy == "grad_in_forward":
+            raise ValueError(
+                "`x`/`w` are split over Explicit mesh axes, where each shard runs the "
+                "'recompute' strategy; got XlaConfig(strategy='grad_in_forward'). Use "
+                "strategy='auto' or 'recompute'."
+            )
+        from fusedloss.linear_cross_entropy.sharded import sharded_linear_cross_entropy
+
+        mesh, data_axes, model_axes = layout
+        return sharded_linear_cross_entropy(
+            x,
+            w,
+            labels,
+            mesh=mesh,
+            data_axis=data_axes or None,
+            model_axis=model_axes or None,
+            bias=bias,
+            where=where,
+            weights=weights,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
+            shift=0,  # already applied above
+            return_aux=return_aux,
+            config=config if isinstance(config, XlaConfig) else None,
+        )
 
     # ---- flatten tokens, build masks and per-token factors -----------------------------
     token_shape = labels.shape
