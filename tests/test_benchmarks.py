@@ -290,3 +290,16 @@ def test_tiny_run_writes_markdown(tiny_run):
     assert "| case | contender | mode | time (ms) |" in text
     assert "| tiny | xla_gif | fwd_bwd |" in text
     assert "pallas_gpu (tiny): " in text or "| tiny | pallas_gpu |" in text
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_xla_ratios_script_runs(capsys, tied):
+    from benchmarks import xla_ratios
+
+    argv = ["--tokens", "40", "--d", "16", "--vocab", "300", "--reps", "2"]
+    ratios = xla_ratios.main(argv + (["--tied"] if tied else []))
+    assert set(ratios) == {"materialized", "grad_in_forward", "recompute"}
+    assert ratios["materialized"] == 1.0
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+    out = capsys.readouterr().out
+    assert "N=40 D=16 V=300 float32" in out and ("embedding.T" in out) == tied

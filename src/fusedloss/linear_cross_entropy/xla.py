@@ -66,8 +66,10 @@ class XlaConfig:
         path's speed) and 32 MiB for ``recompute`` (whose backward holds a few
         blocks at once).
       token_chunk: rows per block (default: from ``block_bytes``).
-      vocab_chunk: columns per block for ``recompute`` (default: from
-        ``block_bytes``); ``grad_in_forward`` always spans the whole vocabulary.
+      vocab_chunk: columns per block for ``recompute``; for ``grad_in_forward``
+        (whose logits blocks span the whole vocabulary) the columns of each
+        ``[D, vocab_chunk]`` product that ``dw`` is accumulated from. Default: from
+        ``block_bytes``.
       accumulator_bytes: largest extra float32 ``dw`` accumulator ``"auto"`` accepts
         for ``grad_in_forward`` (none is needed when ``w`` is float32 already).
       w_layout: how ``w`` is read. ``"kernel"``: as the ``[D, V]`` array it is.
@@ -207,8 +209,13 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
             m_new, l_new = _ce_math.lse_combine(
                 m, l, bm, jnp.sum(jnp.exp(s - jnp.where(jnp.isneginf(bm), 0.0, bm)[:, None]), 1)
             )
-            is_label = (lab[:, None] - vocab_offset == cols[None, :]) & col_new[None, :]
-            lab_logit = lab_logit + jnp.sum(jnp.where(is_label, s, 0.0), axis=1)
+            # The label's logit by a gather (a select-and-sum would write a block).
+            local = lab - vocab_offset - vstart
+            here = (local >= 0) & (local < vc)
+            local = jnp.clip(local, 0, vc - 1)
+            here = here & col_new[local]
+            picked = jnp.take_along_axis(s, local[:, None], axis=1)[:, 0]
+            lab_logit = lab_logit + jnp.where(here, picked, 0.0)
             if hp.need_sum:
                 ssum = ssum + jnp.sum(jnp.where(col_new[None, :], s, 0.0), axis=1)
             barg = jnp.argmax(s, axis=1).astype(jnp.int32) + vstart
@@ -359,9 +366,8 @@ def _accumulate_columns(acc, x_blk, dl, vc: int, va: int):
         dl_blk = jax.lax.dynamic_slice_in_dim(dl, start, vc, axis=1)
         prod = _dw_product(x_blk, dl_blk, va, acc.dtype)
         old = _w_slice(acc, start, vc, va)
-        return jax.lax.dynamic_update_slice_in_dim(
-            acc, jnp.where(fresh, old + prod, old), start, va
-        )
+        new = old + prod if vc == v else jnp.where(fresh, old + prod, old)
+        return jax.lax.dynamic_update_slice_in_dim(acc, new, start, va)
 
     return jax.lax.fori_loop(0, cdiv(v, vc), body, acc)
 
@@ -395,7 +401,8 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: 
         s = _block(x_blk, w, b, hp.softcap, va)
         lse = jax.nn.logsumexp(s, axis=1)
         is_label = lab[:, None] == cols[None, :]
-        lab_logit = jnp.sum(jnp.where(is_label, s, 0.0), axis=1)
+        # A gather (out-of-range labels of included tokens make the loss NaN later).
+        lab_logit = jnp.take_along_axis(s, jnp.clip(lab, 0, v - 1)[:, None], axis=1)[:, 0]
         ssum = jnp.sum(s, axis=1) if hp.need_sum else None
         loss = _ce_math.token_loss(
             lse,
@@ -437,15 +444,16 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: int):
+def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: tuple[int, int], va: int):
+    # ``vc``: (vocab chunk of the statistics-only pass, columns per dw accumulation).
     # Without differentiation only the statistics are needed: one matmul per block.
-    stats = _stats_forward(x, w, bias, labels, valid, 0, hp, tn, vc, va)
+    stats = _stats_forward(x, w, bias, labels, valid, 0, hp, tn, vc[0], va)
     out = loss_from_stats(stats, labels, valid, coef, hp, w.shape[va], per_token=False)
     return out.loss, out.lse, stats.argmax
 
 
 def _gif_fwd(x, w, bias, labels, valid, coef, hp, tn, vc, va):
-    loss, lse, arg, dx, dw, db = _gif_pass(x, w, bias, labels, valid, coef, hp, tn, vc, va)
+    loss, lse, arg, dx, dw, db = _gif_pass(x, w, bias, labels, valid, coef, hp, tn, vc[1], va)
     loss = _ce_math.nan_if_bad_label(loss, labels, w.shape[va], valid)
     # Empty arrays carry the primal dtypes the scaled gradients are cast back to.
     dtypes = (jnp.zeros((0,), w.dtype), None if bias is None else jnp.zeros((0,), bias.dtype))
@@ -479,7 +487,7 @@ def _gif_bwd(hp, tn, vc, va, res, ct):
     g = ct[0]
     return (
         g.astype(dx.dtype) * dx,
-        _scale_in_place(dw, g, w_dt.dtype, max(vc, 1024), va),
+        _scale_in_place(dw, g, w_dt.dtype, vc[1], va),
         None if db is None else (g * db).astype(b_dt.dtype),
         None,
         None,
@@ -509,8 +517,14 @@ def linear_cross_entropy_xla(
             _, _, vc_stats = XlaConfig(
                 strategy="recompute", block_bytes=config.block_bytes
             ).resolve(n, d, v, w.dtype, True)
+            # dw is accumulated in [D, vc_acc] products, each one logits block in size
+            # (a whole [D, V] product would be a second w-sized temporary).
+            block = config.block_bytes or 128 * 2**20
+            vc_acc = min(v, config.vocab_chunk or round_down(block // (4 * d), 128, 128))
             w_s, va = _stored(w, config.w_layout)
-            loss, lse, arg = _gif_loss(x, w_s, bias, labels, valid, coef, hp, tn, vc_stats, va)
+            loss, lse, arg = _gif_loss(
+                x, w_s, bias, labels, valid, coef, hp, tn, (vc_stats, vc_acc), va
+            )
             correct = valid & (arg == labels)
             return ImplOutput(loss, jax.lax.stop_gradient(jnp.where(valid, lse, 0.0)), correct)
         stats = chunked_stats(x, w, bias, labels, valid, jnp.int32(0), hp, tn, vc, config.w_layout)
