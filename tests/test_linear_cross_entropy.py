@@ -325,6 +325,20 @@ def test_gradient_accumulation_with_global_token_count(impl, cfg):
     np.testing.assert_allclose(acc_grad / total_tokens, gfull, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("impl,cfg", IMPL_PARAMS)
+def test_loss_cotangent_other_than_one(impl, cfg):
+    """Gradients of ``c * loss`` are ``c`` times those of the loss (c = -2.5, 0, 1)."""
+    x, w, labels, kw = make_inputs(33, lead=(29,), v=71, features=FEATURES["zloss_weights_where"])
+    want = oracle_grads(x, w, labels, kw, (0, 1))
+    for c in (-2.5, 0.0, 1.0):
+        f = lambda x, w, c=c: c * call(impl, cfg, x, w, jnp.asarray(labels), **kw)
+        grads = jax.jit(jax.grad(f, (0, 1)))(jnp.asarray(x), jnp.asarray(w))
+        for name, g, wg in zip(["dx", "dw"], grads, want, strict=True):
+            np.testing.assert_allclose(
+                g, c * wg, rtol=1e-5, atol=1e-6 * np.abs(wg).max(), err_msg=f"{name} c={c}"
+            )
+
+
 # ---- tied embeddings (w passed as embedding.T) ------------------------------------------
 
 

@@ -465,7 +465,9 @@ def _scale_in_place(buf, g, out_dtype, chunk: int, axis: int):
     """``(g * buf).astype(out_dtype)`` along ``axis`` in chunks.
 
     Written as a loop of slice updates so that XLA can reuse ``buf`` (a dead residual)
-    for the result instead of allocating a second ``buf``-sized buffer.
+    for the result instead of allocating a second ``buf``-sized buffer. The loop runs
+    no iteration for the usual cotangent ``g == 1`` (the loss is what is
+    differentiated), sparing a pass over ``buf``.
     """
     if buf.dtype != out_dtype:
         return (g * buf).astype(out_dtype)
@@ -479,7 +481,8 @@ def _scale_in_place(buf, g, out_dtype, chunk: int, axis: int):
         new = jnp.where(fresh, g.astype(buf.dtype) * old, old)
         return jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis)
 
-    return jax.lax.fori_loop(0, cdiv(total, chunk), body, buf)
+    steps = jnp.where(g == 1, 0, cdiv(total, chunk))
+    return jax.lax.fori_loop(0, steps, body, buf)
 
 
 def _gif_bwd(hp, tn, vc, va, res, ct):
