@@ -513,6 +513,44 @@ def test_memory_tied_embeddings_cost_no_copy():
     assert forced >= temp_bytes("recompute", 2048, d, v, tied=True) + d * v * 4 * 0.9
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["w", "embedding_T"])
+@pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
+def test_bf16_program_has_no_float32_copy_of_w(strategy, tied):
+    """The bf16 memory contract, on the lowered (backend-independent) program.
+
+    At Llama-3-8B's head in bf16, no float32 ``[D, V]`` array is made from ``w``;
+    ``recompute`` creates no float32 ``w``-sized array at all, ``grad_in_forward``
+    exactly one (its ``dw`` accumulator, updated in place). XLA:CPU itself converts
+    a bf16 ``w`` for its matmuls, so compiled CPU bytes cannot show this; a GPU can.
+    """
+    import re
+
+    n, d, v = 8192, 4096, 128256
+    s = jax.ShapeDtypeStruct
+    cfg = XlaConfig(strategy=strategy)
+    w_shape = (v, d) if tied else (d, v)
+    f = lambda x, w, y: linear_cross_entropy(
+        x, w.T if tied else w, y, implementation="xla", config=cfg
+    )
+    text = (
+        jax.jit(jax.value_and_grad(f, (0, 1)))
+        .lower(s((n, d), jnp.bfloat16), s(w_shape, jnp.bfloat16), s((n,), jnp.int32))
+        .as_text()
+    )
+    big = rf"tensor<(?:{d}x{v}|{v}x{d})xf32>"
+    made = [  # ops whose result is a float32 w-sized array
+        line.strip()
+        for line in text.splitlines()
+        if re.search(rf"= stablehlo\.\w+ .*(?:-> {big}|: {big})$", line.strip())
+    ]
+    assert not [m for m in made if "convert" in m], made
+    if strategy == "recompute":
+        assert made == []
+    else:
+        created = [m for m in made if "dynamic_update_slice" not in m]
+        assert len(created) == 1 and "broadcast_in_dim" in created[0], created
+
+
 # ---- bad input -------------------------------------------------------------------------
 
 

@@ -465,14 +465,22 @@ def _scale_in_place(buf, g, out_dtype, chunk: int, axis: int):
     """``(g * buf).astype(out_dtype)`` along ``axis`` in chunks.
 
     Written as a loop of slice updates so that XLA can reuse ``buf`` (a dead residual)
-    for the result instead of allocating a second ``buf``-sized buffer. The loop runs
-    no iteration for the usual cotangent ``g == 1`` (the loss is what is
+    for the result instead of allocating a second ``buf``-sized buffer; with a cast,
+    only one chunk is ever held in ``buf``'s dtype besides ``buf``. Without a cast the
+    loop runs no iteration for the usual cotangent ``g == 1`` (the loss is what is
     differentiated), sparing a pass over ``buf``.
     """
-    if buf.dtype != out_dtype:
-        return (g * buf).astype(out_dtype)
     total = buf.shape[axis]
     chunk = min(chunk, total)
+    steps = cdiv(total, chunk)
+    if buf.dtype != out_dtype:
+        # A cast too (e.g. to a bf16 w's dtype): one chunk of float32 at a time.
+        def cast_body(j, out):
+            start, _ = _chunk_start(j, chunk, total)
+            new = (g * _w_slice(buf, start, chunk, axis)).astype(out_dtype)
+            return jax.lax.dynamic_update_slice_in_dim(out, new, start, axis)
+
+        return jax.lax.fori_loop(0, steps, cast_body, jnp.zeros_like(buf, dtype=out_dtype))
 
     def body(j, buf):
         start, nom = _chunk_start(j, chunk, total)
@@ -481,8 +489,7 @@ def _scale_in_place(buf, g, out_dtype, chunk: int, axis: int):
         new = jnp.where(fresh, g.astype(buf.dtype) * old, old)
         return jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis)
 
-    steps = jnp.where(g == 1, 0, cdiv(total, chunk))
-    return jax.lax.fori_loop(0, steps, body, buf)
+    return jax.lax.fori_loop(0, jnp.where(g == 1, 0, steps), body, buf)
 
 
 def _gif_bwd(hp, tn, vc, va, res, ct):
