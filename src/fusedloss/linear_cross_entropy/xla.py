@@ -116,11 +116,21 @@ class XlaConfig:
         elems = max(block // 4, 64)
         if strategy == "grad_in_forward":
             vc = v
-            tn = self.token_chunk or round_down(elems // v, 8, 8)
+            tn = self.token_chunk or _balanced(n, round_down(elems // v, 8, 8), 8)
         else:
-            tn = self.token_chunk or min(n, 4096)
-            vc = self.vocab_chunk or round_down(elems // max(tn, 1), 128, 128)
+            tn = self.token_chunk or _balanced(n, 4096, 8)
+            vc = self.vocab_chunk or _balanced(v, round_down(elems // max(tn, 1), 128, 128), 32)
         return strategy, max(1, min(tn, n)), max(1, min(vc, v))
+
+
+def _balanced(total: int, largest: int, align: int) -> int:
+    """A chunk of at most about ``largest`` that splits ``total`` into equal chunks.
+
+    The last chunk is clamped to end at ``total`` and overlaps its predecessor (work
+    done twice), so chunks of equal size, rounded up to ``align``, leave the least.
+    """
+    count = cdiv(total, max(largest, 1))
+    return min(total, -(-cdiv(total, count) // align) * align)
 
 
 def _chunk_start(i, chunk: int, total: int):
