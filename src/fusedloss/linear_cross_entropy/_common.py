@@ -102,6 +102,12 @@ def is_transposed_matrix(w) -> bool:
         return False
 
 
+def reads_as_embedding(w, layout: str = "auto") -> bool:
+    """Whether ``w`` is to be read through its ``[V, D]`` transpose: ``layout`` is
+    ``"embedding"``, or ``"auto"`` and ``w`` is traced as a transpose."""
+    return layout == "embedding" or (layout == "auto" and is_transposed_matrix(w))
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -237,7 +243,7 @@ def make_kernel_implementation(name: str, config_type: type, stats_core, check_s
         n, d = x.shape
         v = w.shape[1]
         plan = config.resolve(n, d, v, x.dtype)
-        if is_transposed_matrix(w):
+        if reads_as_embedding(w):
             # Tied embeddings: the kernels read the [V, D] array behind ``w`` (``w.T``
             # cancels against the caller's transpose), so no copy of ``w`` is made.
             w, plan = w.T, plan._replace(w_vd=True)

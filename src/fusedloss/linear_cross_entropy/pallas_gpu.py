@@ -300,19 +300,16 @@ def _d_slice(st: _Static, k):
     return k0, k_ok
 
 
-def _w_tile(st: _Static, w_ref, k0, k_ok, c0, cols_ok):
-    """``w[k0:k0+bd, c0:c0+bv]`` as stored: ``[bd, bv]``, or ``[bv, bd]`` if ``w_vd``."""
+def _vd_tile(st: _Static, ref, k0, k_ok, c0, cols_ok):
+    """View and mask of ``[k0:k0+bd, c0:c0+bv]`` of a ``[D, V]`` array (``w`` or a
+    ``dw`` chunk) as stored: ``[bd, bv]``, or ``[bv, bd]`` when held as ``[V, D]``."""
     if st.w_vd:
-        ref, mask = (
-            w_ref.at[pl.ds(c0, st.bv), pl.ds(k0, st.bd)],
-            _outer(cols_ok, k_ok, st.bv, st.bd),
-        )
-    else:
-        ref, mask = (
-            w_ref.at[pl.ds(k0, st.bd), pl.ds(c0, st.bv)],
-            _outer(k_ok, cols_ok, st.bd, st.bv),
-        )
-    return _load(ref, mask, 0.0)
+        return ref.at[pl.ds(c0, st.bv), pl.ds(k0, st.bd)], _outer(cols_ok, k_ok, st.bv, st.bd)
+    return ref.at[pl.ds(k0, st.bd), pl.ds(c0, st.bv)], _outer(k_ok, cols_ok, st.bd, st.bv)
+
+
+def _w_tile(st: _Static, w_ref, k0, k_ok, c0, cols_ok):
+    return _load(*_vd_tile(st, w_ref, k0, k_ok, c0, cols_ok), 0.0)
 
 
 def _logits_tile(st: _Static, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok):
@@ -502,15 +499,8 @@ def _dw_kernel(x_ref, w_ref, *refs, st: _Static, chunk: int):
     nk = cdiv(st.d, st.bd)
     nt = cdiv(st.n, st.bt)
 
-    def dw_tile(k0, k_ok):
-        """The ``dw`` tile of this program at ``k0`` (as stored) and its mask."""
-        if st.w_vd:
-            ref = dw_ref.at[pl.ds(lc0, st.bv), pl.ds(k0, st.bd)]
-            return ref, _outer(cols_ok, k_ok, st.bv, st.bd)
-        return dw_ref.at[pl.ds(k0, st.bd), pl.ds(lc0, st.bv)], _outer(k_ok, cols_ok, st.bd, st.bv)
-
     def zero(k, carry):
-        ref, mask = dw_tile(*_d_slice(st, k))
+        ref, mask = _vd_tile(st, dw_ref, *_d_slice(st, k), lc0, cols_ok)
         _store(ref, jnp.zeros(ref.shape, st.acc), mask)
         return carry
 
@@ -534,7 +524,7 @@ def _dw_kernel(x_ref, w_ref, *refs, st: _Static, chunk: int):
             )
             a, b = (dl_c, xb) if st.w_vd else (xb, dl_c)
             upd = lax.dot_general(a, b, _TN, precision=st.precision, preferred_element_type=st.acc)
-            ref, mask = dw_tile(k0, k_ok)
+            ref, mask = _vd_tile(st, dw_ref, k0, k_ok, lc0, cols_ok)
             _store(ref, _load(ref, mask, 0.0) + upd, mask)
             return carry
 

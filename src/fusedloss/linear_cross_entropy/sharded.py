@@ -51,8 +51,8 @@ from fusedloss.linear_cross_entropy._common import (
     check_arrays,
     check_options,
     check_shift,
-    is_transposed_matrix,
     loss_from_stats,
+    reads_as_embedding,
 )
 from fusedloss.linear_cross_entropy.api import LinearCrossEntropyAux
 
@@ -561,8 +561,7 @@ def sharded_linear_cross_entropy(
     v_pad = cdiv(v, tp) * tp
     # Tied embeddings (``w = embedding.T``) travel as the [V, D] embedding, split by
     # rows, and are read through its transpose on each device: no copy of ``w``.
-    layout = "auto" if config is None else config.w_layout
-    tied = layout == "embedding" or (layout == "auto" and is_transposed_matrix(w))
+    tied = reads_as_embedding(w, "auto" if config is None else config.w_layout)
     w_vocab_axis = 0 if tied else 1
     if tied:
         w = w.T

@@ -41,8 +41,8 @@ from fusedloss.linear_cross_entropy._common import (
     ImplOutput,
     TokenStats,
     cdiv,
-    is_transposed_matrix,
     loss_from_stats,
+    reads_as_embedding,
     round_down,
 )
 
@@ -130,7 +130,7 @@ def _balanced(total: int, largest: int, align: int) -> int:
     done twice), so chunks of equal size, rounded up to ``align``, leave the least.
     """
     count = cdiv(total, max(largest, 1))
-    return min(total, -(-cdiv(total, count) // align) * align)
+    return min(total, cdiv(cdiv(total, count), align) * align)
 
 
 def _chunk_start(i, chunk: int, total: int):
@@ -319,7 +319,7 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
 
 def _stored(w, layout: str):
     """(array to read, its vocabulary axis) for a ``[D, V]`` ``w``."""
-    if layout == "embedding" or (layout == "auto" and is_transposed_matrix(w)):
+    if reads_as_embedding(w, layout):
         return w.T, 0  # cancels against the caller's transpose: no copy
     return w, 1
 
