@@ -143,7 +143,7 @@ def _make_sharded(case: Case, w: jax.Array) -> Prepared:
     n = jax.device_count()
     if n < 2:
         raise Unavailable("needs more than one device (vocab-parallel over a 1 x n mesh)")
-    from fusedloss.linear_cross_entropy.sharded import sharded_linear_cross_entropy
+    from fusedloss.heads.sharded import sharded_linear_cross_entropy
 
     mesh = jax.make_mesh((1, n), ("data", "model"))
 

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 import fusedloss
-from fusedloss.linear_cross_entropy.pallas_gpu import PallasGpuConfig
+from fusedloss.heads.pallas_gpu import PallasGpuConfig
 
 _MARK = "GPU_CHECK_RESULT "
 

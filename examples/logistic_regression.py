@@ -32,7 +32,7 @@ import optax
 
 import fusedloss
 from fusedloss import regularization
-from fusedloss.linear_cross_entropy import linear_cross_entropy
+from fusedloss.heads.cross_entropy import linear_cross_entropy
 
 
 def make_dataset(

@@ -73,8 +73,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fusedloss import objectives
-from fusedloss.linear_cross_entropy import XlaConfig
+import fusedloss
+from fusedloss import XlaConfig, objectives
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -288,7 +288,8 @@ def fused_loss_fn(cfg: ModelConfig, chunk_mib: float):
     """
     return objectives.causal_lm_objective(
         lambda p, tokens: hidden_states(p, tokens, cfg),
-        head=head_kernel,
+        # Tied: the [V, D] embedding read as stored (no transposed copy of it).
+        head=lambda p: p["head"] if "head" in p else fusedloss.Transposed(p["embed"]),
         implementation="xla",
         config=XlaConfig(block_bytes=int(chunk_mib * 2**20)),
     )

@@ -5,7 +5,7 @@ small test shapes exercise several (and partial) chunks. Kernel modules append t
 interpret-mode cases here.
 """
 
-from fusedloss.linear_cross_entropy import XlaConfig
+from fusedloss import XlaConfig
 
 IMPL_CASES = [
     ("reference", "reference", None),
@@ -20,8 +20,8 @@ IMPL_CASES = [
 # Pallas kernels in interpret mode (they run on any backend). Tiles are tiny and not
 # aligned with the test shapes, so partial tiles occur on every axis; the GPU case also
 # splits the vocabulary in two and walks the backward in chunks of 32 columns.
-from fusedloss.linear_cross_entropy.pallas_gpu import PallasGpuConfig  # noqa: E402
-from fusedloss.linear_cross_entropy.pallas_tpu import PallasTpuConfig  # noqa: E402
+from fusedloss.heads.pallas_gpu import PallasGpuConfig  # noqa: E402
+from fusedloss.heads.pallas_tpu import PallasTpuConfig  # noqa: E402
 
 IMPL_CASES += [
     (

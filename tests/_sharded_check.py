@@ -26,7 +26,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fusedloss
-from fusedloss.linear_cross_entropy.sharded import (
+from fusedloss.heads.sharded import (
     sharded_linear_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )

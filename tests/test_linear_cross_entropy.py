@@ -348,7 +348,9 @@ def test_tied_embedding_transpose_matches_oracle(impl, cfg):
     emb = np.ascontiguousarray(w.T)  # [V, D], as a model stores it
     bias = kw.pop("bias")
     jkw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
-    f = lambda x, e, b: call(impl, cfg, x, e.T, jnp.asarray(labels), bias=b, **jkw)
+    f = lambda x, e, b: call(
+        impl, cfg, x, fusedloss.Transposed(e), jnp.asarray(labels), bias=b, **jkw
+    )
     got, (gx, ge, gb) = jax.jit(jax.value_and_grad(f, (0, 1, 2)))(
         jnp.asarray(x), jnp.asarray(emb), jnp.asarray(bias)
     )
@@ -361,27 +363,17 @@ def test_tied_embedding_transpose_matches_oracle(impl, cfg):
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
-@pytest.mark.parametrize("tied", [False, True])
-def test_explicit_w_layout_gives_the_same_result(strategy, tied):
-    """Either way of reading ``w`` is correct; only the copies differ."""
+def test_transposed_and_plain_transpose_agree(strategy):
+    """``Transposed(e)`` and ``e.T`` give the same results; only the copies differ."""
     x, w, labels, kw = make_inputs(32, lead=(37,), v=83, features=FEATURES["smooth_ignore"])
-    emb = np.ascontiguousarray(w.T)
-
-    def run(layout):
-        cfg = XlaConfig(strategy=strategy, token_chunk=16, vocab_chunk=32, w_layout=layout)
-        if tied:
-            f = lambda x, e: call("xla", cfg, x, e.T, jnp.asarray(labels), **kw)
-            loss, (gx, ge) = jax.jit(jax.value_and_grad(f, (0, 1)))(x, jnp.asarray(emb))
-            return loss, gx, ge.T
-        f = lambda x, w: call("xla", cfg, x, w, jnp.asarray(labels), **kw)
-        return (lambda r: (r[0], *r[1]))(jax.jit(jax.value_and_grad(f, (0, 1)))(x, w))
-
+    emb = jnp.asarray(np.ascontiguousarray(w.T))
+    cfg = XlaConfig(strategy=strategy, token_chunk=16, vocab_chunk=32)
     want = [oracle(x, w, labels, **kw), *oracle_grads(x, w, labels, kw, (0, 1))]
-    for layout in ("auto", "kernel", "embedding"):
-        for name, g, wg in zip(["loss", "dx", "dw"], run(layout), want, strict=True):
-            np.testing.assert_allclose(
-                g, wg, rtol=1e-5, atol=1e-6 * np.abs(wg).max(), err_msg=f"{layout} {name}"
-            )
+    for wrap in (fusedloss.Transposed, lambda e: e.T):
+        f = lambda x, e, wrap=wrap: call("xla", cfg, x, wrap(e), jnp.asarray(labels), **kw)
+        loss, (gx, ge) = jax.jit(jax.value_and_grad(f, (0, 1)))(jnp.asarray(x), emb)
+        for name, g, wg in zip(["loss", "dx", "dw"], (loss, gx, ge.T), want, strict=True):
+            np.testing.assert_allclose(g, wg, rtol=1e-5, atol=1e-6 * np.abs(wg).max(), err_msg=name)
 
 
 # ---- bf16 error budget -----------------------------------------------------------------
@@ -432,7 +424,7 @@ def test_default_implementation_on_cpu_is_xla_and_visible_in_hlo():
         .lower(jnp.asarray(x), jnp.asarray(w))
         .as_text(debug_info=True)
     )
-    assert "fusedloss_lce_xla_" in hlo and "fusedloss_lce_reference" not in hlo
+    assert "fusedloss_xla" in hlo and "fusedloss_reference" not in hlo
     hlo = (
         jax.jit(
             lambda x, w: linear_cross_entropy(x, w, jnp.asarray(labels), implementation="reference")
@@ -440,7 +432,7 @@ def test_default_implementation_on_cpu_is_xla_and_visible_in_hlo():
         .lower(jnp.asarray(x), jnp.asarray(w))
         .as_text(debug_info=True)
     )
-    assert "fusedloss_lce_reference" in hlo and "fusedloss_lce_xla_" not in hlo
+    assert "fusedloss_reference" in hlo and "fusedloss_xla" not in hlo
 
 
 def test_sequence_falls_back_when_kernel_unavailable():
@@ -458,12 +450,17 @@ def test_sequence_falls_back_when_kernel_unavailable():
 
 
 def test_auto_strategy_follows_reduction():
-    cfg = XlaConfig()
-    assert cfg.resolve(1024, 64, 1000, jnp.float32, per_token=False)[0] == "grad_in_forward"
-    assert cfg.resolve(1024, 64, 1000, jnp.float32, per_token=True)[0] == "recompute"
+    from fusedloss.heads import _engine, _targets, xla
+
+    def strategy(cfg, d, v, dtype, needs_stats):
+        problem = _engine.Problem(1024, d, v, dtype, False, needs_stats)
+        return xla.plan(cfg, problem, _targets.Target("cpu")).strategy
+
+    assert strategy(XlaConfig(), 64, 1000, jnp.float32, False) == "grad_in_forward"
+    assert strategy(XlaConfig(), 64, 1000, jnp.float32, True) == "recompute"
     # A bf16 head whose float32 dw accumulator exceeds the budget uses recompute.
     small = XlaConfig(accumulator_bytes=2**20)
-    assert small.resolve(1024, 4096, 128256, jnp.bfloat16, per_token=False)[0] == "recompute"
+    assert strategy(small, 4096, 128256, jnp.bfloat16, False) == "recompute"
 
 
 # ---- memory contract (compile only) -----------------------------------------------------
@@ -471,11 +468,12 @@ def test_auto_strategy_follows_reduction():
 MiB = 2**20
 
 
-def temp_bytes(strategy, n, d=4096, v=128256, dtype=jnp.float32, tied=False, layout="auto"):
+def temp_bytes(strategy, n, d=4096, v=128256, dtype=jnp.float32, tied=False, plain_t=False):
     s = jax.ShapeDtypeStruct
-    cfg = XlaConfig(strategy=strategy, w_layout=layout)
+    cfg = XlaConfig(strategy=strategy)
     if tied:
-        f = lambda x, e, y: linear_cross_entropy(x, e.T, y, implementation="xla", config=cfg)
+        wrap = (lambda e: e.T) if plain_t else fusedloss.Transposed
+        f = lambda x, e, y: linear_cross_entropy(x, wrap(e), y, implementation="xla", config=cfg)
         args = (s((n, d), dtype), s((v, d), dtype), s((n,), jnp.int32))
     else:
         f = lambda x, w, y: linear_cross_entropy(x, w, y, implementation="xla", config=cfg)
@@ -502,15 +500,15 @@ def test_memory_does_not_grow_with_tokens():
 
 
 def test_memory_tied_embeddings_cost_no_copy():
-    """``w = embedding.T`` at Llama-3-8B's head: the same temporaries as a [D, V] kernel."""
+    """``Transposed(embedding)`` at Llama-3-8B's head: the temporaries of a [D, V] kernel."""
     for strategy in ("recompute", "grad_in_forward"):
         untied = temp_bytes(strategy, 8192)
         tied = temp_bytes(strategy, 8192, tied=True)
         assert tied <= untied + MiB, (strategy, tied / MiB, untied / MiB)
-    # The check can fail: reading a tied w as a [D, V] kernel copies all of it.
+    # The check can fail: a plain ``embedding.T`` read as a [D, V] kernel is copied.
     d, v = 1024, 32000
-    forced = temp_bytes("recompute", 2048, d, v, tied=True, layout="kernel")
-    assert forced >= temp_bytes("recompute", 2048, d, v, tied=True) + d * v * 4 * 0.9
+    copied = temp_bytes("recompute", 2048, d, v, tied=True, plain_t=True)
+    assert copied >= temp_bytes("recompute", 2048, d, v, tied=True) + d * v * 4 * 0.9
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["w", "embedding_T"])
@@ -530,7 +528,7 @@ def test_bf16_program_has_no_float32_copy_of_w(strategy, tied):
     cfg = XlaConfig(strategy=strategy)
     w_shape = (v, d) if tied else (d, v)
     f = lambda x, w, y: linear_cross_entropy(
-        x, w.T if tied else w, y, implementation="xla", config=cfg
+        x, fusedloss.Transposed(w) if tied else w, y, implementation="xla", config=cfg
     )
     text = (
         jax.jit(jax.value_and_grad(f, (0, 1)))
@@ -582,17 +580,15 @@ def test_bad_input_messages():
         linear_cross_entropy(x, w, y, label_smoothing=1.0)
     with pytest.raises(ValueError, match=r"`z_loss` must be in \[0.0, inf\)"):
         linear_cross_entropy(x, w, y, z_loss=-1.0)
-    with pytest.raises(ValueError, match="`shift`=4 needs `x` of shape"):
-        linear_cross_entropy(x[None], w, y[None], shift=4)
+    with pytest.raises(ValueError, match="`shift`=5 needs `x` of shape"):
+        linear_cross_entropy(x[None], w, y[None], shift=5)
     with pytest.raises(ValueError, match="`implementation` must be one of"):
         linear_cross_entropy(x, w, y, implementation="cuda")
     with pytest.raises(TypeError, match="must be a XlaConfig"):
         linear_cross_entropy(x, w, y, implementation="xla", config={"strategy": "recompute"})
     with pytest.raises(ValueError, match=r"XlaConfig\.strategy must be one of"):
         XlaConfig(strategy="fast")
-    with pytest.raises(ValueError, match=r"XlaConfig\.w_layout must be one of .* got 'VD'"):
-        XlaConfig(w_layout="VD")
-    with pytest.raises(ValueError, match="needs a reduced loss"):
+    with pytest.raises(ValueError, match="fuses a reduced cross-entropy"):
         linear_cross_entropy(
             x,
             w,

@@ -25,15 +25,18 @@ from fusedloss.divergences import generalized_kl_divergence as generalized_kl_di
 from fusedloss.divergences import jensen_shannon_divergence as jensen_shannon_divergence
 from fusedloss.divergences import kl_divergence as kl_divergence
 from fusedloss.divergences import kl_divergence_with_log_targets as kl_divergence_with_log_targets
-from fusedloss.linear_cross_entropy import LinearCrossEntropyAux as LinearCrossEntropyAux
-from fusedloss.linear_cross_entropy import XlaConfig as XlaConfig
-from fusedloss.linear_cross_entropy import linear_cross_entropy as linear_cross_entropy
-from fusedloss.linear_cross_entropy.sharded import (
+from fusedloss.heads._ce_head import LinearCrossEntropyAux as LinearCrossEntropyAux
+from fusedloss.heads.cross_entropy import linear_cross_entropy as linear_cross_entropy
+from fusedloss.heads.pallas_gpu import PallasGpuConfig as PallasGpuConfig
+from fusedloss.heads.pallas_tpu import PallasTpuConfig as PallasTpuConfig
+from fusedloss.heads.sharded import (
     sharded_linear_cross_entropy as sharded_linear_cross_entropy,
 )
-from fusedloss.linear_cross_entropy.sharded import (
+from fusedloss.heads.sharded import (
     vocab_parallel_linear_cross_entropy as vocab_parallel_linear_cross_entropy,
 )
+from fusedloss.heads.transposed import Transposed as Transposed
+from fusedloss.heads.xla import XlaConfig as XlaConfig
 from fusedloss.objectives import accumulate_gradients as accumulate_gradients
 from fusedloss.objectives import causal_lm_objective as causal_lm_objective
 from fusedloss.objectives import classification_objective as classification_objective
@@ -53,6 +56,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "LinearCrossEntropyAux",
+    "PallasGpuConfig",
+    "PallasTpuConfig",
+    "Transposed",
     "XlaConfig",
     "absolute_error",
     "accumulate_gradients",

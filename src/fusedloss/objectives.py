@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from fusedloss import _ce_math, _checks
 from fusedloss._softmax_ce import softmax_cross_entropy_with_integer_labels
-from fusedloss.linear_cross_entropy import linear_cross_entropy
+from fusedloss.heads.cross_entropy import linear_cross_entropy
 
 Params = Any
 Batch = Mapping[str, Any]
@@ -258,8 +258,9 @@ def causal_lm_objective(
         states ``[..., T, D]``. Extra arguments of ``loss_fn`` (e.g. a dropout key)
         are passed on to it.
       head: ``head(params)`` returning the classifier kernel ``[D, V]`` with the
-        hidden states' dtype; for tied embeddings return ``params[...].T`` of the
-        ``[V, D]`` embedding (no copy is made).
+        hidden states' dtype; for tied embeddings return
+        :class:`~fusedloss.Transposed` ``(params[...])`` of the ``[V, D]`` embedding
+        (no copy is made).
       head_bias: optional ``head_bias(params)`` returning a ``[V]`` bias.
       ignore_index: targets equal to it are excluded (e.g. ``-100``).
       label_smoothing: in ``[0, 1)``, as in :func:`~fusedloss.linear_cross_entropy`.
@@ -278,6 +279,7 @@ def causal_lm_objective(
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
+      >>> import fusedloss
       >>> from fusedloss import objectives
       >>> V, D = 64, 16
       >>> k1, k2 = jax.random.split(jax.random.key(0))
@@ -285,8 +287,8 @@ def causal_lm_objective(
       ...           "w": jax.random.normal(k2, (D, D)) * 0.1}
       >>> def hidden(params, tokens):  # [B, T] -> [B, T, D]
       ...     return jnp.tanh(params["embed"][tokens] @ params["w"])
-      >>> loss_fn = objectives.causal_lm_objective(
-      ...     hidden, head=lambda p: p["embed"].T, z_loss=1e-4)  # tied embedding
+      >>> loss_fn = objectives.causal_lm_objective(  # a tied embedding as the head
+      ...     hidden, head=lambda p: fusedloss.Transposed(p["embed"]), z_loss=1e-4)
       >>> batch = {"tokens": jnp.arange(16).reshape(2, 8) % V,
       ...          "mask": jnp.array([[1] * 8, [1] * 5 + [0] * 3])}  # right padding
       >>> grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
@@ -305,7 +307,7 @@ def causal_lm_objective(
     if not callable(head):
         raise TypeError(
             f"`head` must be a callable params -> [D, V] kernel (e.g. `lambda p: "
-            f"p['embed'].T` for tied embeddings), got {head!r}."
+            f"fusedloss.Transposed(p['embed'])` for tied embeddings), got {head!r}."
         )
     if head_bias is not None and not callable(head_bias):
         raise TypeError(f"`head_bias` must be None or a callable params -> [V], got {head_bias!r}.")
@@ -508,18 +510,19 @@ def accumulate_gradients(
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> import fusedloss
       >>> from fusedloss import objectives
       >>> params = {"embed": jax.random.normal(jax.random.key(0), (32, 8))}
+      >>> tied = lambda p: fusedloss.Transposed(p["embed"])
       >>> loss_fn = objectives.causal_lm_objective(
-      ...     lambda p, t: p["embed"][t], head=lambda p: p["embed"].T, reduction="sum")
+      ...     lambda p, t: p["embed"][t], head=tied, reduction="sum")
       >>> tokens = jnp.arange(24).reshape(4, 6) % 32
       >>> mask = jnp.arange(6)[None, :] < jnp.array([[6], [2], [4], [6]])  # [4, 6] padding
       >>> batch = {"tokens": tokens, "mask": mask}
       >>> micro = jax.tree.map(lambda x: x.reshape(2, 2, 6), batch)  # 2 micro-batches of 2
       >>> accumulate = jax.jit(objectives.accumulate_gradients, static_argnums=0)
       >>> (loss, aux), grads = accumulate(loss_fn, params, micro)
-      >>> full = objectives.causal_lm_objective(
-      ...     lambda p, t: p["embed"][t], head=lambda p: p["embed"].T)  # mean, one batch
+      >>> full = objectives.causal_lm_objective(lambda p, t: p["embed"][t], head=tied)  # mean
       >>> (loss_ref, _), grads_ref = jax.jit(jax.value_and_grad(full, has_aux=True))(params, batch)
       >>> int(aux.num_tokens), bool(jnp.allclose(loss, loss_ref, rtol=1e-5))
       (14, True)

@@ -70,14 +70,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fusedloss import _ce_math
-from fusedloss.linear_cross_entropy import api
-from fusedloss.linear_cross_entropy._common import (
+from fusedloss.heads._engine import (
     Hyper,
+    Problem,
     TokenStats,
     cdiv,
-    make_kernel_implementation,
     make_stats_core,
 )
+from fusedloss.heads._targets import Target
 
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -86,6 +86,9 @@ _SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 _BACKWARDS = ("auto", "dlogits", "kernels")
 # Resident token tiles' x rows the forward tries to keep in L2 (H100: 50 MiB).
 _L2_X_BYTES = 24 * 2**20
+
+
+_HOPPER = ("h100", "h200", "h800", "h20", "gh200", "b200", "gb200")
 
 
 def _is_pow2(value: int) -> bool:
@@ -153,9 +156,10 @@ class PallasGpuConfig:
         if not isinstance(self.interpret, bool):
             raise TypeError(f"PallasGpuConfig.interpret must be a bool, got {self.interpret!r}.")
 
-    def resolve(self, n: int, d: int, v: int, dtype: Any) -> _Plan:
-        """Concrete tile sizes and launch parameters for an ``[n, d] @ [d, v]`` problem."""
-        kind, sm_count = _device_info()
+    def resolve(self, n: int, d: int, v: int, dtype: Any, target: Target) -> _Plan:
+        """Concrete tile sizes and launch parameters for an ``[n, d] @ [d, v]`` problem
+        compiled for ``target``."""
+        kind, sm_count = _device_info(target, self.interpret)
         itemsize = jnp.dtype(dtype).itemsize
         bt, bv, bd, warps, stages = _default_tiles(kind, itemsize)
         # Tiles larger than the problem only waste masked lanes.
@@ -213,12 +217,18 @@ class _Plan(NamedTuple):
     w_vd: bool = False  # w is held as its [V, D] transpose (tied embeddings)
 
 
-def _device_info() -> tuple[str, int]:
-    """(device kind, streaming multiprocessors); a CPU (interpret mode) counts as 1."""
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        return "cpu", 1
-    return dev.device_kind, int(getattr(dev, "core_count", 0) or 132)
+def _device_info(target: Target, interpret: bool) -> tuple[str, int]:
+    """(device kind, streaming multiprocessors) of the chip compiled for.
+
+    An unknown chip of the GPU platform gets tiles that compile on every supported
+    one (Ampere's); interpret mode off a GPU counts as one small "cpu" device.
+    """
+    if target.platform != "gpu":
+        return ("cpu", 1) if interpret else ("", 108)
+    kind = (target.device_kind or "").lower()
+    if not kind:
+        return "a100", 108
+    return kind, 132 if any(k in kind for k in _HOPPER) else 108
 
 
 def _default_tiles(kind: str, itemsize: int) -> tuple[int, int, int, int, int]:
@@ -230,7 +240,7 @@ def _default_tiles(kind: str, itemsize: int) -> tuple[int, int, int, int, int]:
     """
     kind = kind.lower()
     bd = 64 if itemsize <= 2 else 32
-    if any(k in kind for k in ("h100", "h200", "h800", "h20", "gh200", "b200", "gb200")):
+    if any(k in kind for k in _HOPPER):
         return 128, 128, bd, 8, 3
     if any(k in kind for k in ("a100", "a800", "a30", "a40", "a6000", "l40", "l4")):
         return 128, 128, bd, 8, 2
@@ -765,27 +775,17 @@ def _backward_kernels(st: _Static, plan: _Plan, x, w, bias, head, row_args):
 pallas_gpu_stats = make_stats_core(_forward, _backward, "pallas_gpu_stats")
 
 
-def _check_supported(x, config: PallasGpuConfig) -> None:
-    if not config.interpret and jax.default_backend() != "gpu":
+def plan(config: PallasGpuConfig | None, problem: Problem, target: Target) -> _Plan:
+    """The kernels' plan, or ``NotImplementedError`` where they cannot run."""
+    config = PallasGpuConfig() if config is None else config
+    if not config.interpret and target.platform != "gpu":
         raise NotImplementedError(
-            f"pallas_gpu needs a GPU backend; the default backend is {jax.default_backend()!r} "
+            f"pallas_gpu compiles for GPUs, not for {target.platform!r} "
             "(use PallasGpuConfig(interpret=True) to interpret the kernels)."
         )
-    if jnp.dtype(x.dtype).name not in _SUPPORTED_DTYPES and not config.interpret:
+    if jnp.dtype(problem.dtype).name not in _SUPPORTED_DTYPES and not config.interpret:
         raise NotImplementedError(
-            f"pallas_gpu supports {_SUPPORTED_DTYPES} inputs, got {jnp.dtype(x.dtype).name}."
+            f"pallas_gpu supports {_SUPPORTED_DTYPES} inputs, got {jnp.dtype(problem.dtype).name}."
         )
-    if x.shape[0] == 0:
-        raise NotImplementedError("pallas_gpu needs at least one token.")
-
-
-linear_cross_entropy_pallas_gpu = make_kernel_implementation(
-    "pallas_gpu",
-    PallasGpuConfig,
-    pallas_gpu_stats,
-    # Looked up at call time, so the module-level check can be swapped (export tests).
-    lambda x, config: _check_supported(x, config),
-)
-
-
-api.register_implementation("pallas_gpu", linear_cross_entropy_pallas_gpu, PallasGpuConfig)
+    p = config.resolve(problem.n, problem.d, problem.v, problem.dtype, target)
+    return p._replace(w_vd=problem.w_vd)

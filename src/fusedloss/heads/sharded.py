@@ -13,14 +13,15 @@ Two entry points:
     :func:`~fusedloss.linear_cross_entropy` on one device.
 
 How the vocabulary is split: every device computes its tokens' statistics over its
-own columns with the chunked core (:func:`.xla.chunked_stats`, never a
-``[tokens, V/tp]`` buffer), then the model axis combines them::
+own columns with the statistics core chosen for its chip (the Pallas kernels on GPU
+and TPU meshes, the chunked ``xla`` core elsewhere; never a ``[tokens, V/tp]``
+buffer), then the model axis combines them::
 
     lse         = m + log(psum(exp(lse_k - m))),  m = pmax(lse_k)  (a constant)
     label_logit = psum(label_logit_k)             (0 on shards without the label)
     sum_logits  = psum(sum_logits_k)              (label smoothing only)
 
-and the shared CE math (:func:`._common.loss_from_stats`) forms the loss with the
+and the cross-entropy head (:func:`._engine.cross_entropy_from_stats`) forms the loss with the
 global vocabulary size. JAX's autodiff through ``psum`` gives each shard its
 cotangents, so the gradients of ``x``, the ``w`` shard and the ``bias`` shard come
 out where they belong; nothing vocabulary-sized is ever gathered. Per device, the
@@ -33,53 +34,38 @@ global weighted mean, not a mean of per-device means.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fusedloss import _ce_math, _checks
-from fusedloss.linear_cross_entropy import xla
-from fusedloss.linear_cross_entropy._common import (
+from fusedloss import _ce_math
+from fusedloss.heads._ce_head import LinearCrossEntropyAux, finish
+from fusedloss.heads._engine import (
+    HeadOutput,
+    Hyper,
+    Problem,
     TokenStats,
     cdiv,
-    check_arrays,
+    cross_entropy_from_stats,
+)
+from fusedloss.heads._registry import candidates, check_config, choose, dispatch, order_for
+from fusedloss.heads._targets import Target, mesh_target
+from fusedloss.heads._tokens import (
+    HeadArgs,
+    _psum,
+    check_head_args,
     check_options,
     check_shift,
-    loss_from_stats,
-    reads_as_embedding,
+    prepare_tokens,
 )
-from fusedloss.linear_cross_entropy.api import LinearCrossEntropyAux
+from fusedloss.heads.transposed import Transposed
 
 AxisName = str | tuple[str, ...]
-_IMPLEMENTATION = "xla"
-
-
-# --------------------------------------------------------------------------------------
-# argument checks shared by both entry points
-# --------------------------------------------------------------------------------------
-
-
-def _check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift, config):
-    hp = check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift)
-    config = xla.XlaConfig() if config is None else config
-    if not isinstance(config, xla.XlaConfig):
-        raise TypeError(
-            f"`config` for the sharded linear_cross_entropy must be an XlaConfig, "
-            f"got {type(config).__name__}."
-        )
-    if config.strategy == "grad_in_forward":
-        # Its gradient needs the global log-sum-exp while the logits are at hand.
-        raise ValueError(
-            "The sharded linear_cross_entropy runs the 'recompute' strategy; got "
-            "XlaConfig(strategy='grad_in_forward'). Use strategy='auto' or 'recompute'."
-        )
-    return hp, config
 
 
 def _axes(name: AxisName | None) -> tuple[str, ...]:
@@ -139,13 +125,6 @@ def _vary(v, axes: frozenset):
     return jax.lax.pcast(v, missing, to="varying") if missing else v
 
 
-def _psum(v, axes: tuple[str, ...]):
-    # One axis at a time: a multi-axis psum rejects operands that vary over only some.
-    for a in axes:
-        v = jax.lax.psum(v, a)
-    return v
-
-
 def _pmax(v, axes: tuple[str, ...]):
     for a in axes:
         v = jax.lax.pmax(v, a)
@@ -169,20 +148,33 @@ def _empty_stats(labels) -> TokenStats:
     )
 
 
-def _shard_stats(x, w, bias, labels, valid, offset, *, width, hp, config):
-    """Statistics over the first ``width`` columns of the shard (the rest is padding)."""
+def _shard_stats(x, w, bias, labels, valid, offset, *, width, w_vd, hp, implementation, config):
+    """Statistics over the first ``width`` columns of the shard (the rest is padding),
+    with the statistics core chosen for the mesh's chip; (stats, its name)."""
     if width == 0:
-        return _empty_stats(labels)
-    if width < w.shape[1]:
-        w = w[:, :width]
+        return _empty_stats(labels), "none"
+    v_local = w.shape[0] if w_vd else w.shape[1]
+    if width < v_local:
+        w = w[:width] if w_vd else w[:, :width]
         bias = None if bias is None else bias[:width]
-    _, tn, vc = config.resolve(x.shape[0], x.shape[1], width, w.dtype, True)
-    return xla.chunked_stats(x, w, bias, labels, valid, offset, hp, tn, vc, config.w_layout)
+    problem = Problem(max(x.shape[0], 1), x.shape[1], width, x.dtype, w_vd, True)
+
+    def run(choice):
+        if x.shape[0] == 0:
+            return _empty_stats(labels)
+        with jax.named_scope(f"fusedloss_{choice.name}"):
+            return choice.backend.stats(x, w, bias, labels, valid, offset, hp, choice.plan)
+
+    return dispatch(implementation, config, problem, run, x, w)
 
 
-def _global_stats(x, w, bias, labels, valid, *, hp, config, vocab_size, model, tp):
-    """Per-token statistics over the whole (model-sharded) vocabulary."""
-    v_local = w.shape[1]
+def _first(stats_fn, width, *operands):
+    return stats_fn(*operands, width=width)[0]
+
+
+def _global_stats(x, w, bias, labels, valid, *, w_vd, hp, impl, vocab_size, model, tp):
+    """Per-token statistics over the whole (model-sharded) vocabulary; (stats, name)."""
+    v_local = w.shape[0] if w_vd else w.shape[1]
     offset = jnp.int32(0)
     if tp > 1:
         offset = (jax.lax.axis_index(model) * v_local).astype(jnp.int32)
@@ -192,21 +184,22 @@ def _global_stats(x, w, bias, labels, valid, *, hp, config, vocab_size, model, t
 
     widths = [min(max(vocab_size - k * v_local, 0), v_local) for k in range(tp)]
     distinct = sorted(set(widths), reverse=True)
-    stats_fn = functools.partial(_shard_stats, hp=hp, config=config)
+    stats_fn = functools.partial(_shard_stats, w_vd=w_vd, hp=hp, **impl)
     if len(distinct) == 1:
-        local = stats_fn(*operands, width=distinct[0])
+        local, name = stats_fn(*operands, width=distinct[0])
     else:
         # Only with a padded vocabulary: the shard holding the end of the vocabulary
         # (and any shard wholly past it) runs on its real columns only, so padded
         # columns take no part in the normalizer, the logit sum or the argmax.
         branch = jnp.asarray([distinct.index(c) for c in widths], jnp.int32)
+        name = stats_fn(*operands, width=distinct[0])[1]
         local = jax.lax.switch(
             branch[jax.lax.axis_index(model)],
-            [functools.partial(stats_fn, width=c) for c in distinct],
+            [functools.partial(_first, stats_fn, c) for c in distinct],
             *operands,
         )
     if not model:
-        return local
+        return local, name
 
     # Global log-sum-exp: the shift m is a constant, the gradient flows through psum.
     m = _pmax(jax.lax.stop_gradient(local.lse), model)
@@ -218,7 +211,7 @@ def _global_stats(x, w, bias, labels, valid, *, hp, config, vocab_size, model, t
     local_max = jax.lax.stop_gradient(local.max_logit)
     best = _pmax(local_max, model)
     cand = jnp.where(local_max == best, local.argmax, jnp.iinfo(jnp.int32).max)
-    return TokenStats(lse, label_logit, sum_logits, best, _pmin(cand, model))
+    return TokenStats(lse, label_logit, sum_logits, best, _pmin(cand, model)), name
 
 
 def _check_sharded_over(name: str, v, axes: tuple[str, ...], spec: str) -> None:
@@ -233,9 +226,78 @@ def _check_sharded_over(name: str, v, axes: tuple[str, ...], spec: str) -> None:
             )
 
 
+def _shard_body(
+    args: HeadArgs,
+    hp: Hyper,
+    *,
+    data: tuple[str, ...],
+    model: tuple[str, ...],
+    vocab_size: int | None,
+    ignore_index,
+    reduction: str,
+    shift: int,
+    return_aux: bool,
+    implementation,
+    config,
+):
+    """One device's part of a sharded call (inside ``shard_map``)."""
+    tp = _bound_axis_size("model_axis", model)
+    _bound_axis_size("data_axis", data)
+    v_local = args.vocab_size
+    if vocab_size is None:
+        vocab_size = tp * v_local
+    if not isinstance(vocab_size, int | np.integer) or not 0 < vocab_size <= tp * v_local:
+        raise ValueError(
+            f"`vocab_size` must be an int in [1, {tp * v_local}] for {tp} shard(s) of "
+            f"{v_local} columns, got {vocab_size!r}."
+        )
+    vocab_size = int(vocab_size)
+    _check_sharded_over("w", args.w, model, f"P(None, {model!r})")
+    _check_sharded_over("labels", args.labels, data, f"P({data!r})")
+    tokens = prepare_tokens(
+        args.x,
+        args.labels,
+        args.where,
+        args.weights,
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        vocab_size=vocab_size,
+        data_axes=data,
+        check_labels=False,
+    )
+    per_token = reduction == "none"
+    with jax.named_scope("fusedloss_sharded"):
+        stats, name = _global_stats(
+            tokens.x,
+            args.w,
+            args.bias,
+            tokens.labels,
+            tokens.valid,
+            w_vd=args.w_vd,
+            hp=hp,
+            impl=dict(implementation=implementation, config=config),
+            vocab_size=vocab_size,
+            model=model,
+            tp=tp,
+        )
+        out: HeadOutput = cross_entropy_from_stats(
+            stats, tokens.labels, tokens.valid, tokens.coef, hp, vocab_size, per_token
+        )
+    return finish(
+        out,
+        tokens,
+        name,
+        per_token=per_token,
+        dtype=args.x.dtype,
+        return_aux=return_aux,
+        data_axes=data,
+    )
+
+
 def vocab_parallel_linear_cross_entropy(
     x: jax.typing.ArrayLike,
-    w: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike | Transposed,
     labels: jax.typing.ArrayLike,
     *,
     model_axis: AxisName | None = "model",
@@ -251,7 +313,8 @@ def vocab_parallel_linear_cross_entropy(
     logit_softcap: float | None = None,
     shift: int = 0,
     return_aux: bool = False,
-    config: xla.XlaConfig | None = None,
+    implementation: str | tuple[str, ...] | None = None,
+    config: Any = None,
 ) -> jax.Array | tuple[jax.Array, LinearCrossEntropyAux]:
     r"""``linear_cross_entropy`` on one device's shards, inside ``jax.shard_map``.
 
@@ -259,8 +322,8 @@ def vocab_parallel_linear_cross_entropy(
     columns ``[k * Vs, (k + 1) * Vs)`` of the global ``[D, V]`` kernel as its ``w``
     (``in_specs=P(None, model_axis)``). Tokens may be split over ``data_axis``
     (``in_specs=P(data_axis)`` for ``x``, ``labels``, ``where`` and ``weights``).
-    Each device computes its tokens' statistics over its own columns with the chunked
-    ``xla`` core and combines them across ``model_axis`` with ``psum``/``pmax`` of
+    Each device computes its tokens' statistics over its own columns with the core
+    chosen for its chip and combines them across ``model_axis`` with ``psum``/``pmax`` of
     per-token scalars, so nothing ``[tokens, V]``-sized is formed or gathered.
 
     The result equals :func:`~fusedloss.linear_cross_entropy` on the global arrays,
@@ -271,7 +334,8 @@ def vocab_parallel_linear_cross_entropy(
     Args:
       x: this device's hidden states ``[..., D]`` (float32 / bfloat16 / float16),
         replicated over ``model_axis``.
-      w: this device's kernel shard ``[D, Vs]`` with ``x``'s dtype.
+      w: this device's kernel shard ``[D, Vs]`` with ``x``'s dtype, or a
+        :class:`~fusedloss.Transposed` of its ``[Vs, D]`` embedding rows.
       labels: integer *global* target ids with shape ``x.shape[:-1]``.
       model_axis: mesh axis name(s) the vocabulary is split over, or None (the
         whole vocabulary is local).
@@ -298,8 +362,10 @@ def vocab_parallel_linear_cross_entropy(
       return_aux: also return a :class:`~fusedloss.LinearCrossEntropyAux`: ``lse``
         and ``correct`` for this device's tokens, ``num_tokens`` and ``weight_sum``
         summed over ``data_axis``.
-      config: an :class:`~fusedloss.XlaConfig` for the per-device core (strategy
-        ``"auto"`` or ``"recompute"``; chunk sizes refer to the local shard).
+      implementation: as in :func:`~fusedloss.linear_cross_entropy`, for the
+        per-device statistics core (``None``: the best for the mesh's chip).
+      config: the per-device core's config (e.g. an :class:`~fusedloss.XlaConfig`,
+        strategy ``"auto"`` or ``"recompute"``; chunk sizes refer to the local shard).
 
     Returns:
       The loss (``labels``' local shape for ``"none"``, else a scalar), and the aux
@@ -312,7 +378,7 @@ def vocab_parallel_linear_cross_entropy(
       >>> import jax, jax.numpy as jnp
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> import fusedloss
-      >>> from fusedloss.linear_cross_entropy.sharded import (
+      >>> from fusedloss.heads.sharded import (
       ...     vocab_parallel_linear_cross_entropy)
       >>> kx, kw, kl = jax.random.split(jax.random.key(0), 3)
       >>> x = jax.random.normal(kx, (8, 16))  # [tokens, D]
@@ -331,85 +397,25 @@ def vocab_parallel_linear_cross_entropy(
       >>> bool(jnp.allclose(loss, fusedloss.linear_cross_entropy(x, w, labels), rtol=1e-5))
       True
     """
-    x, w, labels, bias, where, weights = check_arrays(
+    args = check_head_args(
         x, w, labels, bias, where, weights, "[Vs], Vs = w.shape[1], this device's shard"
     )
-    hp, config = _check_options(
-        reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift, config
-    )
+    hp = check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift)
+    check_shift(args.x, shift)
     data, model = _check_distinct(data_axis, model_axis)
-    tp = _bound_axis_size("model_axis", model)
-    _bound_axis_size("data_axis", data)
-    v_local = w.shape[1]
-    if vocab_size is None:
-        vocab_size = tp * v_local
-    if not isinstance(vocab_size, int | np.integer) or not 0 < vocab_size <= tp * v_local:
-        raise ValueError(
-            f"`vocab_size` must be an int in [1, {tp * v_local}] for {tp} shard(s) of "
-            f"{v_local} columns, got {vocab_size!r}."
-        )
-    vocab_size = int(vocab_size)
-    _check_sharded_over("w", w, model, f"P(None, {model_axis!r})")
-    _check_sharded_over("labels", labels, data, f"P({data_axis!r})")
-    check_shift(x, shift)
-    if shift:
-        x = x[..., :-shift, :]
-        labels = labels[..., shift:]
-        where = None if where is None else where[..., shift:]
-        weights = None if weights is None else weights[..., shift:]
-
-    token_shape = labels.shape
-    x2 = x.reshape(-1, x.shape[-1])
-    lab = labels.reshape(-1)
-    valid = jnp.ones_like(lab, dtype=bool) if where is None else where.reshape(-1)
-    if ignore_index is not None:
-        valid = valid & (lab != ignore_index)
-    lab = lab.astype(jnp.int32)
-    wts = (
-        jnp.ones_like(lab, dtype=jnp.float32)
-        if weights is None
-        else jax.lax.stop_gradient(weights.reshape(-1).astype(jnp.float32))
+    return _shard_body(
+        args,
+        hp,
+        data=data,
+        model=model,
+        vocab_size=vocab_size,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        shift=shift,
+        return_aux=return_aux,
+        implementation=implementation,
+        config=config,
     )
-    wts = jnp.where(valid, wts, 0.0)
-    # The denominator of "mean" counts every data shard's tokens.
-    weight_sum = _psum(jnp.sum(wts), data)
-    if reduction == "mean":
-        safe = jnp.where(weight_sum == 0, 1.0, weight_sum)
-        coef = jnp.where(weight_sum == 0, 0.0, wts / safe)
-    else:
-        coef = wts
-    per_token = reduction == "none"
-
-    with jax.named_scope("fusedloss_lce_sharded"):
-        stats = _global_stats(
-            x2,
-            w,
-            bias,
-            lab,
-            valid,
-            hp=hp,
-            config=config,
-            vocab_size=vocab_size,
-            model=model,
-            tp=tp,
-        )
-        out = loss_from_stats(stats, lab, valid, coef, hp, vocab_size, per_token)
-    loss = out.loss.reshape(token_shape).astype(x.dtype) if per_token else _psum(out.loss, data)
-    if not return_aux:
-        return loss
-    aux = LinearCrossEntropyAux(
-        lse=out.lse.reshape(token_shape),
-        correct=out.correct.reshape(token_shape),
-        num_tokens=_psum(jnp.sum(valid, dtype=jnp.int32), data),
-        weight_sum=jax.lax.stop_gradient(weight_sum),
-        implementation=_IMPLEMENTATION,
-    )
-    return loss, aux
-
-
-# --------------------------------------------------------------------------------------
-# global arrays
-# --------------------------------------------------------------------------------------
 
 
 def _mesh_or_context(mesh):
@@ -440,9 +446,176 @@ def _spec_axis(axes: tuple[str, ...]):
     return axes[0] if len(axes) == 1 else axes
 
 
+def explicit_split(args: HeadArgs):
+    """(mesh, data axes, model axes) when ``x``'s batch axis or ``w``'s vocabulary
+    axis is split over ``Explicit`` mesh axes (``jax.set_mesh``), else None."""
+
+    def axes_of(a):
+        sharding = getattr(jax.typeof(a), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty:
+            return None, [() for _ in range(a.ndim)]
+        explicit = {
+            n
+            for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+            if t == AxisType.Explicit
+        }
+        dims = []
+        for entry in tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec)):
+            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            dims.append(tuple(n for n in names if n in explicit))
+        return mesh, dims
+
+    mesh_x, dims_x = axes_of(args.x)
+    mesh_w, dims_w = axes_of(args.w)
+    data = dims_x[0] if args.x.ndim > 1 else ()
+    model = dims_w[0 if args.w_vd else 1]
+    if not data and not model:
+        return None
+    return (mesh_x if data else mesh_w), data, model
+
+
+def _per_shard_name(args: HeadArgs, mesh, dp: int, tp: int, implementation, config) -> str:
+    """The statistics core each device runs (static, for the aux outputs)."""
+    target = mesh_target(mesh) or Target("cpu")
+    names, explicit = candidates(implementation)
+    check_config(config, names)
+    n_local = max(1, int(np.prod(args.x.shape[:-1])) // dp)
+    problem = Problem(
+        n_local, args.x.shape[-1], cdiv(args.vocab_size, tp), args.x.dtype, args.w_vd, True
+    )
+    return choose(names or order_for(target), explicit, config, problem, target).name
+
+
+def run_sharded(
+    args: HeadArgs,
+    hp: Hyper,
+    mesh,
+    data: tuple[str, ...],
+    model: tuple[str, ...],
+    *,
+    ignore_index,
+    reduction: str,
+    shift: int,
+    return_aux: bool,
+    implementation,
+    config,
+):
+    """Writes the ``shard_map`` of a sharded call over global (checked) arrays."""
+    x, labels = args.x, args.labels
+    dp = _axes_size(mesh, "data_axis", data)
+    tp = _axes_size(mesh, "model_axis", model)
+    if x.ndim < 2 and dp > 1:
+        raise ValueError(
+            f"`x` of shape {x.shape} has no token axis to split over `data_axis`={data!r}; "
+            "pass data_axis=None."
+        )
+    if dp > 1 and x.shape[0] % dp:
+        raise ValueError(
+            f"The first axis of `x` ({x.shape[0]}) must be divisible by the size of "
+            f"`data_axis`={data!r} ({dp}); pad it (excluding the padding with `where`) "
+            "or choose another mesh."
+        )
+    if shift and dp > 1 and x.ndim < 3:
+        raise ValueError(
+            f"`shift`={shift} with `data_axis`={data!r} of size {dp} needs `x` of shape "
+            f"[B, T, D] (the batch axis is split, the shifted one is not), got {x.shape}."
+        )
+    # The per-device core's choice (and the config's fit) is settled before tracing it.
+    impl_name = _per_shard_name(args, mesh, dp, tp, implementation, config)
+    v = args.vocab_size
+    # Eager calls check label values (not across hosts: only local shards are readable).
+    prepare_tokens(
+        x,
+        labels,
+        args.where,
+        None,
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction="sum",
+        vocab_size=v,
+    )
+    v_pad = cdiv(v, tp) * tp
+    w, bias = args.w, args.bias
+    # Tied embeddings travel as the [V, D] embedding, split by rows: no copy of w.
+    vocab_axis = 0 if args.w_vd else 1
+    if v_pad != v:
+        w = jnp.pad(w, [(0, v_pad - v) if a == vocab_axis else (0, 0) for a in range(2)])
+        bias = None if bias is None else jnp.pad(bias, (0, v_pad - v))
+
+    # The shard_map is manual over the axes that split something. A replicated input's
+    # gradient is summed over the manual axes its spec leaves out, so a size-1 axis in
+    # there would cost a trivial all-reduce holding a second w-sized gradient buffer.
+    # Without any splitting axis (e.g. a 1x1 mesh), it is manual over the size-1 axes,
+    # named in every spec (nothing to sum): the per-device code then sees the same
+    # unsharded types as on a multi-device mesh.
+    split_data = tuple(a for a in data if mesh.shape[a] > 1)
+    split_model = tuple(a for a in model if mesh.shape[a] > 1)
+    idle = () if split_data or split_model else data + model
+    tok, col = _spec_axis(split_data + idle), _spec_axis(split_model + idle)
+    arrays = {"x": x, "w": w, "labels": labels}
+    specs = {"x": P(tok), "w": P(col, None) if args.w_vd else P(None, col), "labels": P(tok)}
+    for name, value, spec in (
+        ("bias", bias, P(col)),
+        ("where", args.where, P(tok)),
+        ("weights", args.weights, P(tok)),
+    ):
+        if value is not None:
+            arrays[name], specs[name] = value, spec
+    if (data or model) and any(t == AxisType.Explicit for t in mesh.axis_types):
+        arrays = {
+            k: jax.sharding.reshard(a, NamedSharding(mesh, specs[k])) for k, a in arrays.items()
+        }
+
+    def body(a: dict[str, Any]):
+        local = HeadArgs(
+            a["x"], a["w"], args.w_vd, a["labels"], a.get("bias"), a.get("where"), a.get("weights")
+        )
+        out = _shard_body(
+            local,
+            hp,
+            data=split_data,
+            model=split_model,
+            vocab_size=v,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            shift=shift,
+            return_aux=return_aux,
+            implementation=implementation,
+            config=config,
+        )
+        return out
+
+    if not data and not model:
+        return body(arrays)
+    loss_spec = P(tok) if reduction == "none" else P()
+    out_specs: Any = loss_spec
+    if return_aux:
+        aux_spec = LinearCrossEntropyAux(
+            lse=P(tok),
+            correct=P(tok),
+            num_tokens=P(),
+            weight_sum=P(),
+            implementation=impl_name,
+        )
+        out_specs = (loss_spec, aux_spec)
+    # check_vma=False: this shard_map is only ever differentiated from outside, where
+    # JAX's transpose rules sum the cotangents of replicated inputs without needing
+    # replication types.
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(specs,),
+        out_specs=out_specs,
+        axis_names=frozenset(split_data + split_model + idle),
+        check_vma=False,
+    )
+    return fn(arrays)
+
+
 def sharded_linear_cross_entropy(
     x: jax.typing.ArrayLike,
-    w: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike | Transposed,
     labels: jax.typing.ArrayLike,
     *,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
@@ -458,7 +631,8 @@ def sharded_linear_cross_entropy(
     logit_softcap: float | None = None,
     shift: int = 0,
     return_aux: bool = False,
-    config: xla.XlaConfig | None = None,
+    implementation: str | tuple[str, ...] | None = None,
+    config: Any = None,
 ) -> jax.Array | tuple[jax.Array, LinearCrossEntropyAux]:
     r"""``linear_cross_entropy`` of global arrays, data- and vocabulary-parallel.
 
@@ -483,7 +657,8 @@ def sharded_linear_cross_entropy(
 
     Args:
       x: hidden states ``[B, ..., D]`` (float32 / bfloat16 / float16).
-      w: classifier kernel ``[D, V]`` with ``x``'s dtype.
+      w: classifier kernel ``[D, V]`` with ``x``'s dtype, or
+        :class:`~fusedloss.Transposed` ``(embedding)`` (split by rows, no copy).
       labels: integer target ids with shape ``x.shape[:-1]``.
       mesh: a ``jax.sharding.Mesh`` (or abstract mesh); default: the mesh set with
         ``jax.set_mesh``.
@@ -496,7 +671,8 @@ def sharded_linear_cross_entropy(
       shift: as in :func:`~fusedloss.linear_cross_entropy`; with a data axis of
         size > 1 it needs ``x`` of shape ``[B, T, D]`` (the shifted axis ``T`` is
         not the split one).
-      config: an :class:`~fusedloss.XlaConfig` for the per-device core.
+      implementation, config: the per-device statistics core, as in
+        :func:`vocab_parallel_linear_cross_entropy`.
 
     Returns:
       The loss (``labels``' shape for ``"none"``, split over ``data_axis``, else a
@@ -509,7 +685,7 @@ def sharded_linear_cross_entropy(
 
       >>> import jax, jax.numpy as jnp
       >>> import fusedloss
-      >>> from fusedloss.linear_cross_entropy.sharded import sharded_linear_cross_entropy
+      >>> from fusedloss.heads.sharded import sharded_linear_cross_entropy
       >>> kx, kw, kl = jax.random.split(jax.random.key(0), 3)
       >>> x = jax.random.normal(kx, (4, 8, 16))  # [batch, seq, D]
       >>> w = jax.random.normal(kw, (16, 1000)) / 4  # [D, V]
@@ -522,121 +698,20 @@ def sharded_linear_cross_entropy(
       >>> bool(jnp.allclose(loss, ref, rtol=1e-5)), dw.shape
       (True, (16, 1000))
     """
-    x, w, labels, bias, where, weights = check_arrays(
-        x, w, labels, bias, where, weights, "[V], V = w.shape[1]"
-    )
-    _check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift, config)
+    args = check_head_args(x, w, labels, bias, where, weights, "[V], V = w.shape[1]")
+    hp = check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift)
+    check_shift(args.x, shift)
     data, model = _check_distinct(data_axis, model_axis)
-    mesh = _mesh_or_context(mesh)
-    dp = _axes_size(mesh, "data_axis", data)
-    tp = _axes_size(mesh, "model_axis", model)
-    if x.ndim < 2 and dp > 1:
-        raise ValueError(
-            f"`x` of shape {x.shape} has no token axis to split over `data_axis`={data_axis!r}; "
-            "pass data_axis=None."
-        )
-    if dp > 1 and x.shape[0] % dp:
-        raise ValueError(
-            f"The first axis of `x` ({x.shape[0]}) must be divisible by the size of "
-            f"`data_axis`={data_axis!r} ({dp}); pad it (excluding the padding with `where`) "
-            "or choose another mesh."
-        )
-    if shift and dp > 1 and x.ndim < 3:
-        raise ValueError(
-            f"`shift`={shift} with `data_axis`={data_axis!r} of size {dp} needs `x` of shape "
-            f"[B, T, D] (the batch axis is split, the shifted one is not), got {x.shape}."
-        )
-    check_shift(x, shift)
-    # Eager calls check label values (not across hosts: only local shards are readable).
-    if _checks.is_concrete(labels) and labels.is_fully_addressable:
-        _checks.check_labels_in_range(
-            "labels",
-            labels[..., shift:],
-            w.shape[1],
-            ignore_index=ignore_index,
-            mask=None if where is None else where[..., shift:],
-        )
-
-    v = w.shape[1]
-    v_pad = cdiv(v, tp) * tp
-    # Tied embeddings (``w = embedding.T``) travel as the [V, D] embedding, split by
-    # rows, and are read through its transpose on each device: no copy of ``w``.
-    tied = reads_as_embedding(w, "auto" if config is None else config.w_layout)
-    w_vocab_axis = 0 if tied else 1
-    if tied:
-        w = w.T
-        config = dataclasses.replace(config or xla.XlaConfig(), w_layout="embedding")
-    if v_pad != v:
-        w = jnp.pad(w, [(0, v_pad - v) if a == w_vocab_axis else (0, 0) for a in range(2)])
-        bias = None if bias is None else jnp.pad(bias, (0, v_pad - v))
-
-    # The shard_map is manual over the axes that split something. A replicated input's
-    # gradient is summed over the manual axes its spec leaves out, so a size-1 axis in
-    # there would cost a trivial all-reduce holding a second w-sized gradient buffer.
-    # Without any splitting axis (e.g. a 1x1 mesh), it is manual over the size-1 axes,
-    # named in every spec (nothing to sum): the per-device code then sees the same
-    # unsharded types as on a multi-device mesh.
-    split_data = tuple(a for a in data if mesh.shape[a] > 1)
-    split_model = tuple(a for a in model if mesh.shape[a] > 1)
-    idle = () if split_data or split_model else data + model
-    tok, col = _spec_axis(split_data + idle), _spec_axis(split_model + idle)
-    arrays = {"x": x, "w": w, "labels": labels}
-    specs = {"x": P(tok), "w": P(col, None) if tied else P(None, col), "labels": P(tok)}
-    for name, value, spec in (
-        ("bias", bias, P(col)),
-        ("where", where, P(tok)),
-        ("weights", weights, P(tok)),
-    ):
-        if value is not None:
-            arrays[name], specs[name] = value, spec
-    if (data or model) and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        arrays = {
-            k: jax.sharding.reshard(a, NamedSharding(mesh, specs[k])) for k, a in arrays.items()
-        }
-
-    def body(a: dict[str, Any]):
-        return vocab_parallel_linear_cross_entropy(
-            a["x"],
-            a["w"].T if tied else a["w"],
-            a["labels"],
-            model_axis=_spec_axis(split_model),
-            data_axis=_spec_axis(split_data),
-            vocab_size=v,
-            bias=a.get("bias"),
-            where=a.get("where"),
-            weights=a.get("weights"),
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            logit_softcap=logit_softcap,
-            shift=shift,
-            return_aux=return_aux,
-            config=config,
-        )
-
-    if not data and not model:
-        return body(arrays)
-    loss_spec = P(tok) if reduction == "none" else P()
-    out_specs: Any = loss_spec
-    if return_aux:
-        aux_spec = LinearCrossEntropyAux(
-            lse=P(tok),
-            correct=P(tok),
-            num_tokens=P(),
-            weight_sum=P(),
-            implementation=_IMPLEMENTATION,
-        )
-        out_specs = (loss_spec, aux_spec)
-    # check_vma=False: this shard_map is only ever differentiated from outside, where
-    # JAX's transpose rules sum the cotangents of replicated inputs without needing
-    # replication types.
-    fn = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(specs,),
-        out_specs=out_specs,
-        axis_names=frozenset(split_data + split_model + idle),
-        check_vma=False,
+    return run_sharded(
+        args,
+        hp,
+        _mesh_or_context(mesh),
+        data,
+        model,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        shift=shift,
+        return_aux=return_aux,
+        implementation=implementation,
+        config=config,
     )
-    return fn(arrays)

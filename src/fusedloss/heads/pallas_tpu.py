@@ -44,14 +44,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from fusedloss import _ce_math
-from fusedloss.linear_cross_entropy import api
-from fusedloss.linear_cross_entropy._common import (
+from fusedloss.heads._engine import (
     Hyper,
+    Problem,
     TokenStats,
     cdiv,
-    make_kernel_implementation,
     make_stats_core,
 )
+from fusedloss.heads._targets import Target
 
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -458,27 +458,17 @@ def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
 pallas_tpu_stats = make_stats_core(_forward, _backward, "pallas_tpu_stats")
 
 
-def _check_supported(x, config: PallasTpuConfig) -> None:
-    if config.interpret is False and jax.default_backend() != "tpu":
+def plan(config: PallasTpuConfig | None, problem: Problem, target: Target) -> _Plan:
+    """The kernels' plan, or ``NotImplementedError`` where they cannot run."""
+    config = PallasTpuConfig() if config is None else config
+    if config.interpret is False and target.platform != "tpu":
         raise NotImplementedError(
-            f"pallas_tpu needs a TPU backend; the default backend is {jax.default_backend()!r} "
+            f"pallas_tpu compiles for TPUs, not for {target.platform!r} "
             "(use PallasTpuConfig(interpret=True) to interpret the kernels)."
         )
-    if jnp.dtype(x.dtype).name not in _SUPPORTED_DTYPES and config.interpret is False:
+    if jnp.dtype(problem.dtype).name not in _SUPPORTED_DTYPES and config.interpret is False:
         raise NotImplementedError(
-            f"pallas_tpu supports {_SUPPORTED_DTYPES} inputs, got {jnp.dtype(x.dtype).name}."
+            f"pallas_tpu supports {_SUPPORTED_DTYPES} inputs, got {jnp.dtype(problem.dtype).name}."
         )
-    if x.shape[0] == 0:
-        raise NotImplementedError("pallas_tpu needs at least one token.")
-
-
-linear_cross_entropy_pallas_tpu = make_kernel_implementation(
-    "pallas_tpu",
-    PallasTpuConfig,
-    pallas_tpu_stats,
-    # Looked up at call time, so the module-level check can be swapped (export tests).
-    lambda x, config: _check_supported(x, config),
-)
-
-
-api.register_implementation("pallas_tpu", linear_cross_entropy_pallas_tpu, PallasTpuConfig)
+    p = config.resolve(problem.n, problem.d, problem.v, problem.dtype)
+    return p._replace(w_vd=problem.w_vd)

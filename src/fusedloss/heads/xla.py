@@ -30,26 +30,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fusedloss import _ce_math
-from fusedloss.linear_cross_entropy._common import (
+from fusedloss.heads._engine import (
+    HeadOutput,
     Hyper,
-    ImplOutput,
+    Problem,
     TokenStats,
     cdiv,
-    loss_from_stats,
-    reads_as_embedding,
+    cross_entropy_from_stats,
+    make_stats_core,
     round_down,
 )
+from fusedloss.heads._targets import Target
 
 Strategy = Literal["auto", "grad_in_forward", "recompute"]
 _STRATEGIES = ("auto", "grad_in_forward", "recompute")
-WLayout = Literal["auto", "kernel", "embedding"]
-_W_LAYOUTS = ("auto", "kernel", "embedding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +72,9 @@ class XlaConfig:
         ``block_bytes``.
       accumulator_bytes: largest extra float32 ``dw`` accumulator ``"auto"`` accepts
         for ``grad_in_forward`` (none is needed when ``w`` is float32 already).
-      w_layout: how ``w`` is read. ``"kernel"``: as the ``[D, V]`` array it is.
-        ``"embedding"``: through its transpose, the ``[V, D]`` array of tied
-        embeddings (``w = embedding.T`` then costs no copy, while a plain ``[D, V]``
-        kernel would be transposed once). ``"auto"`` (default): ``"embedding"``
-        when ``w`` is traced as the transpose of another array, else ``"kernel"``.
+
+    A ``w`` passed as :class:`~fusedloss.Transposed` (tied embeddings) is read in row
+    chunks of its ``[V, D]`` array, so that no copy of ``w`` is made.
     """
 
     strategy: Strategy = "auto"
@@ -84,16 +82,11 @@ class XlaConfig:
     token_chunk: int | None = None
     vocab_chunk: int | None = None
     accumulator_bytes: int = 1 * 2**30
-    w_layout: WLayout = "auto"
 
     def __post_init__(self):
         if self.strategy not in _STRATEGIES:
             raise ValueError(
                 f"XlaConfig.strategy must be one of {_STRATEGIES}, got {self.strategy!r}."
-            )
-        if self.w_layout not in _W_LAYOUTS:
-            raise ValueError(
-                f"XlaConfig.w_layout must be one of {_W_LAYOUTS}, got {self.w_layout!r}."
             )
         if self.block_bytes is not None and self.block_bytes < 4 * 8 * 8:
             raise ValueError(f"XlaConfig.block_bytes must be >= 256, got {self.block_bytes}.")
@@ -102,25 +95,51 @@ class XlaConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"XlaConfig.{name} must be a positive int, got {value!r}.")
 
-    def resolve(self, n: int, d: int, v: int, w_dtype, per_token: bool) -> tuple[str, int, int]:
-        """(strategy, token_chunk, vocab_chunk) for an ``[n, d] @ [d, v]`` problem."""
-        strategy = self.strategy
-        if strategy == "auto":
-            # A float32 w's gradient is its own accumulator; other dtypes need one more.
-            extra = 0 if jnp.dtype(w_dtype) == jnp.float32 else 4 * d * v
-            fits = extra <= self.accumulator_bytes
-            strategy = "grad_in_forward" if (not per_token and fits) else "recompute"
-        block = self.block_bytes
-        if block is None:
-            block = (128 if strategy == "grad_in_forward" else 32) * 2**20
-        elems = max(block // 4, 64)
-        if strategy == "grad_in_forward":
-            vc = v
-            tn = self.token_chunk or _balanced(n, round_down(elems // v, 8, 8), 8)
-        else:
-            tn = self.token_chunk or _balanced(n, 4096, 8)
-            vc = self.vocab_chunk or _balanced(v, round_down(elems // max(tn, 1), 128, 128), 32)
-        return strategy, max(1, min(tn, n)), max(1, min(vc, v))
+
+class XlaPlan(NamedTuple):
+    strategy: str  # "grad_in_forward" | "recompute"
+    tn: int  # tokens per block
+    vc: int  # vocabulary columns per block of the statistics passes
+    vc_acc: int  # columns per dw accumulation product (grad_in_forward)
+    w_vd: bool  # w is held as its [V, D] transpose
+
+
+def plan(config: XlaConfig | None, problem: Problem, target: Target) -> XlaPlan:
+    """Strategy and chunk sizes for an ``[n, d] @ [d, v]`` problem (any target)."""
+    del target  # plain JAX: the same plan compiles everywhere
+    config = XlaConfig() if config is None else config
+    n, d, v = problem.n, problem.d, problem.v
+    strategy = config.strategy
+    if strategy == "auto":
+        # A float32 w's gradient is its own accumulator; other dtypes need one more.
+        extra = 0 if jnp.dtype(problem.dtype) == jnp.float32 else 4 * d * v
+        fits = extra <= config.accumulator_bytes
+        strategy = "grad_in_forward" if (not problem.needs_stats and fits) else "recompute"
+    if strategy == "grad_in_forward" and problem.needs_stats:
+        raise ValueError(
+            "strategy='grad_in_forward' fuses a reduced cross-entropy with its gradients; "
+            "this call needs per-token statistics (reduction='none', another head, or a "
+            "sharded call): use strategy='recompute' or 'auto'."
+        )
+    block = config.block_bytes
+    if block is None:
+        block = (128 if strategy == "grad_in_forward" else 32) * 2**20
+    elems = max(block // 4, 64)
+    n1, v1 = max(n, 1), max(v, 1)
+    if strategy == "grad_in_forward":
+        tn = config.token_chunk or _balanced(n1, round_down(elems // v1, 8, 8), 8)
+        tn = min(tn, n1)
+        # dw is accumulated in [D, vc_acc] products no larger than one logits block
+        # (a whole [D, V] product would be a second w-sized temporary).
+        vc_acc = config.vocab_chunk or round_down((tn * v1) // max(d, 1), 128, 128)
+        vc_acc = min(vc_acc, v1)
+        # The statistics-only pass (no differentiation) uses recompute's blocks.
+        stats_tn = min(_balanced(n1, 4096, 8), n1)
+        vc = _balanced(v1, round_down(max(32 * 2**18, 64) // stats_tn, 128, 128), 32)
+        return XlaPlan(strategy, tn, min(vc, v1), vc_acc, problem.w_vd)
+    tn = min(config.token_chunk or _balanced(n1, 4096, 8), n1)
+    vc = config.vocab_chunk or _balanced(v1, round_down(elems // tn, 128, 128), 32)
+    return XlaPlan(strategy, tn, min(vc, v1), min(vc, v1), problem.w_vd)
 
 
 def _balanced(total: int, largest: int, align: int) -> int:
@@ -317,43 +336,18 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
     return dx.astype(x.dtype), dw, db
 
 
-def _stored(w, layout: str):
-    """(array to read, its vocabulary axis) for a ``[D, V]`` ``w``."""
-    if reads_as_embedding(w, layout):
-        return w.T, 0  # cancels against the caller's transpose: no copy
-    return w, 1
+def _forward(x, w, bias, local_labels, hp: Hyper, plan: XlaPlan) -> TokenStats:
+    va = 0 if plan.w_vd else 1
+    valid = jnp.ones_like(local_labels, dtype=bool)
+    return _stats_forward(x, w, bias, local_labels, valid, 0, hp, plan.tn, plan.vc, va)
 
 
-def chunked_stats(
-    x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, vc: int, layout: str = "auto"
-) -> TokenStats:
-    """Per-token statistics over ``w``'s columns, differentiable, never ``[N, V]``.
-
-    ``labels`` are global ids; ``w``'s column ``j`` is vocabulary id
-    ``vocab_offset + j`` (0 unless ``w`` is a vocabulary shard).
-    """
-    w_s, va = _stored(w, layout)
-    return _chunked_stats(x, w_s, bias, labels, valid, vocab_offset, hp, tn, vc, va)
+def _backward(x, w, bias, local_labels, valid, lse, cts, hp: Hyper, plan: XlaPlan):
+    va = 0 if plan.w_vd else 1
+    return _stats_backward(x, w, bias, local_labels, valid, 0, lse, cts, hp, plan.tn, plan.vc, va)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _chunked_stats(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, vc: int, va: int):
-    return _stats_forward(x, w, bias, labels, valid, vocab_offset, hp, tn, vc, va)
-
-
-def _chunked_stats_fwd(x, w, bias, labels, valid, vocab_offset, hp, tn, vc, va):
-    stats = _stats_forward(x, w, bias, labels, valid, vocab_offset, hp, tn, vc, va)
-    return stats, (x, w, bias, labels, valid, vocab_offset, stats.lse)
-
-
-def _chunked_stats_bwd(hp, tn, vc, va, res, ct):
-    x, w, bias, labels, valid, vocab_offset, lse = res
-    cts = (ct.lse, ct.label_logit, ct.sum_logits)
-    dx, dw, db = _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, vc, va)
-    return dx, dw, db, None, None, None
-
-
-_chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
+xla_stats = make_stats_core(_forward, _backward, "xla_stats")
 
 
 # --------------------------------------------------------------------------------------
@@ -453,17 +447,24 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: 
     return jax.lax.fori_loop(0, nt, t_body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: tuple[int, int], va: int):
-    # ``vc``: (vocab chunk of the statistics-only pass, columns per dw accumulation).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, plan: XlaPlan):
     # Without differentiation only the statistics are needed: one matmul per block.
-    stats = _stats_forward(x, w, bias, labels, valid, 0, hp, tn, vc[0], va)
-    out = loss_from_stats(stats, labels, valid, coef, hp, w.shape[va], per_token=False)
+    n = x.shape[0]
+    stats = _forward(x, w, bias, labels, hp, plan._replace(tn=min(_balanced(n, 4096, 8), n)))
+    out = cross_entropy_from_stats(stats, labels, valid, coef, hp, stats_v(w, plan), False)
     return out.loss, out.lse, stats.argmax
 
 
-def _gif_fwd(x, w, bias, labels, valid, coef, hp, tn, vc, va):
-    loss, lse, arg, dx, dw, db = _gif_pass(x, w, bias, labels, valid, coef, hp, tn, vc[1], va)
+def stats_v(w, plan) -> int:
+    return w.shape[0] if plan.w_vd else w.shape[1]
+
+
+def _gif_fwd(x, w, bias, labels, valid, coef, hp, plan):
+    va = 0 if plan.w_vd else 1
+    loss, lse, arg, dx, dw, db = _gif_pass(
+        x, w, bias, labels, valid, coef, hp, plan.tn, plan.vc_acc, va
+    )
     loss = _ce_math.nan_if_bad_label(loss, labels, w.shape[va], valid)
     # Empty arrays carry the primal dtypes the scaled gradients are cast back to.
     dtypes = (jnp.zeros((0,), w.dtype), None if bias is None else jnp.zeros((0,), bias.dtype))
@@ -502,12 +503,12 @@ def _scale_in_place(buf, g, out_dtype, chunk: int, axis: int):
     return jax.lax.fori_loop(0, jnp.where(g == 1, 0, steps), body, buf)
 
 
-def _gif_bwd(hp, tn, vc, va, res, ct):
+def _gif_bwd(hp, plan, res, ct):
     loss, dx, dw, db, (w_dt, b_dt) = res
     g = ct[0]
     return (
         g.astype(dx.dtype) * dx,
-        _scale_in_place(dw, g, w_dt.dtype, vc[1], va),
+        _scale_in_place(dw, g, w_dt.dtype, plan.vc_acc, 0 if plan.w_vd else 1),
         None if db is None else (g * db).astype(b_dt.dtype),
         None,
         None,
@@ -518,34 +519,9 @@ def _gif_bwd(hp, tn, vc, va, res, ct):
 _gif_loss.defvjp(_gif_fwd, _gif_bwd)
 
 
-def linear_cross_entropy_xla(
-    x, w, bias, labels, valid, coef, *, hp: Hyper, per_token: bool, config: XlaConfig | None
-) -> ImplOutput:
-    config = XlaConfig() if config is None else config
-    if not isinstance(config, XlaConfig):
-        raise TypeError(f"`config` for implementation 'xla' must be an XlaConfig, got {config!r}.")
-    n, d = x.shape
-    v = w.shape[1]
-    strategy, tn, vc = config.resolve(n, d, v, w.dtype, per_token)
-    if strategy == "grad_in_forward" and per_token:
-        raise ValueError(
-            "strategy='grad_in_forward' needs a reduced loss (reduction='sum' or 'mean'); "
-            "use strategy='recompute' or 'auto' with reduction='none'."
-        )
-    with jax.named_scope(f"fusedloss_lce_xla_{strategy}"):
-        if strategy == "grad_in_forward":
-            _, _, vc_stats = XlaConfig(
-                strategy="recompute", block_bytes=config.block_bytes
-            ).resolve(n, d, v, w.dtype, True)
-            # dw is accumulated in [D, vc_acc] products, each one logits block in size
-            # (a whole [D, V] product would be a second w-sized temporary).
-            block = config.block_bytes or 128 * 2**20
-            vc_acc = min(v, config.vocab_chunk or round_down(block // (4 * d), 128, 128))
-            w_s, va = _stored(w, config.w_layout)
-            loss, lse, arg = _gif_loss(
-                x, w_s, bias, labels, valid, coef, hp, tn, (vc_stats, vc_acc), va
-            )
-            correct = valid & (arg == labels)
-            return ImplOutput(loss, jax.lax.stop_gradient(jnp.where(valid, lse, 0.0)), correct)
-        stats = chunked_stats(x, w, bias, labels, valid, jnp.int32(0), hp, tn, vc, config.w_layout)
-        return loss_from_stats(stats, labels, valid, coef, hp, v, per_token)
+def gif_cross_entropy(x, w, bias, labels, valid, coef, hp: Hyper, plan: XlaPlan) -> HeadOutput:
+    """The reduced cross-entropy with its gradients formed in the forward pass."""
+    with jax.named_scope("fusedloss_xla_grad_in_forward"):
+        loss, lse, arg = _gif_loss(x, w, bias, labels, valid, coef, hp, plan)
+    correct = valid & (arg == labels)
+    return HeadOutput(loss, jax.lax.stop_gradient(jnp.where(valid, lse, 0.0)), correct)

@@ -1,0 +1,140 @@
+"""The engine every fused head runs on: per-token row statistics and their cores.
+
+Every fused head streams the logits row of each token, ``z = x @ w (+ bias)``, in
+chunks and reduces it to a few float32 per-token statistics (:class:`TokenStats`:
+log-sum-exp, the logit at the label, the logit sum, the max and argmax). A head's
+loss is a small differentiable function of those statistics; autodiff through it
+gives the per-token cotangents of the statistics, and the *stats core* of a backend
+maps them back to ``dx``, ``dw`` and ``dbias`` chunk by chunk.
+
+A backend (``reference``, ``xla``, ``pallas_gpu``, ``pallas_tpu``) is:
+
+- a frozen config dataclass (its tuning knobs);
+- ``plan(config, problem, target)``: the static plan for a :class:`Problem` on a
+  :class:`~fusedloss.heads._targets.Target` (tiles chosen for that chip), raising
+  ``NotImplementedError`` where the backend cannot run the call;
+- ``stats(x, w, bias, labels, valid, vocab_offset, hp, plan) -> TokenStats``: the
+  differentiable statistics core (usually :func:`make_stats_core` of a forward and
+  a backward).
+
+The fixed table of backends lives in :mod:`._registry`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fusedloss import _ce_math
+
+
+class Hyper(NamedTuple):
+    """Static loss hyperparameters (hashable, so they can be nondiff args)."""
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+
+    @property
+    def need_sum(self) -> bool:
+        return self.label_smoothing != 0.0
+
+
+class TokenStats(NamedTuple):
+    """Per-token float32 statistics over the (local) vocabulary."""
+
+    lse: jax.Array  # log-sum-exp of the (softcapped) logits
+    label_logit: jax.Array  # the label's (softcapped) logit, 0 if the label is not here
+    sum_logits: jax.Array  # sum of the (softcapped) logits (0 unless smoothing)
+    max_logit: jax.Array  # largest logit, for argmax / accuracy
+    argmax: jax.Array  # int32 column of the largest logit (global id)
+
+
+class Problem(NamedTuple):
+    """What a backend's plan depends on besides its config and the target."""
+
+    n: int  # tokens
+    d: int  # hidden size
+    v: int  # (local) vocabulary size
+    dtype: Any  # x / w dtype
+    w_vd: bool  # w is held as its [V, D] transpose (tied embeddings)
+    needs_stats: bool  # the head needs the statistics (no loss fused with its gradient)
+
+
+class HeadOutput(NamedTuple):
+    loss: jax.Array  # [N] coef-weighted per-token loss, or the scalar sum of it
+    lse: jax.Array  # [N]
+    correct: jax.Array  # [N] bool
+
+
+def cross_entropy_from_stats(
+    stats: TokenStats,
+    labels: jax.Array,
+    valid: jax.Array,
+    coef: jax.Array,
+    hp: Hyper,
+    num_classes: int,
+    per_token: bool,
+) -> HeadOutput:
+    """The cross-entropy head: a differentiable function of the statistics."""
+    loss = _ce_math.token_loss(
+        stats.lse,
+        stats.label_logit,
+        stats.sum_logits if hp.need_sum else None,
+        num_classes=num_classes,
+        label_smoothing=hp.label_smoothing,
+        z_loss=hp.z_loss,
+    )
+    loss = jnp.where(valid, loss * coef, 0.0)
+    loss = _ce_math.nan_if_bad_label(loss, labels, num_classes, valid)
+    correct = valid & (stats.argmax == labels)
+    return HeadOutput(
+        loss if per_token else jnp.sum(loss),
+        jax.lax.stop_gradient(jnp.where(valid, stats.lse, 0.0)),
+        correct,
+    )
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_down(value: int, multiple: int, minimum: int) -> int:
+    return max(minimum, (value // multiple) * multiple)
+
+
+def make_stats_core(forward, backward, name: str):
+    """A differentiable stats core from a forward and a backward pass.
+
+    ``forward(x, w, bias, local_labels, hp, plan) -> TokenStats`` (local column ids)
+    and ``backward(x, w, bias, local_labels, valid, lse, cts, hp, plan) -> (dx, dw,
+    db)`` with ``cts`` the cotangents of (lse, label logit, logit sum). The core's
+    ``labels`` are global ids and ``w``'s column ``j`` is vocabulary id
+    ``vocab_offset + j`` (a vocabulary shard). ``w`` is ``[D, V]``, or ``[V, D]``
+    when ``plan.w_vd``. Only ``(x, w, bias, labels, valid, lse)`` are kept for the
+    backward: nothing ``[N, V]``-sized.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+    def stats_core(x, w, bias, labels, valid, vocab_offset, hp: Hyper, plan):
+        return fwd(x, w, bias, labels, valid, vocab_offset, hp, plan)[0]
+
+    def fwd(x, w, bias, labels, valid, vocab_offset, hp, plan):
+        offset = jnp.asarray(vocab_offset, jnp.int32)
+        local = labels.astype(jnp.int32) - offset
+        stats = forward(x, w, bias, local, hp, plan)
+        stats = stats._replace(argmax=stats.argmax + offset)
+        return stats, (x, w, bias, local, valid, stats.lse)
+
+    def bwd(hp, plan, res, ct):
+        x, w, bias, local, valid, lse = res
+        cts = (ct.lse, ct.label_logit, ct.sum_logits)
+        dx, dw, db = backward(x, w, bias, local, valid, lse, cts, hp, plan)
+        return dx, dw, db, None, None, None
+
+    stats_core.defvjp(fwd, bwd)
+    stats_core.__name__ = stats_core.__qualname__ = name
+    return stats_core
