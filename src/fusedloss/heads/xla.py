@@ -127,8 +127,10 @@ def plan(config: XlaConfig | None, problem: Problem, target: Target) -> XlaPlan:
     elems = max(block // 4, 64)
     n1, v1 = max(n, 1), max(v, 1)
     if strategy == "grad_in_forward":
-        tn = config.token_chunk or _balanced(n1, round_down(elems // v1, 8, 8), 8)
-        tn = min(tn, n1)
+        # No regret at small N: the blocks held at once (logits, their gradient, a dw
+        # product) stay within the materialized path's one [N, V] buffer.
+        largest = min(round_down(elems // v1, 8, 8), round_down(n1 // 4, 8, 8))
+        tn = min(config.token_chunk or _balanced(n1, largest, 8), n1)
         # dw is accumulated in [D, vc_acc] products no larger than one logits block
         # (a whole [D, V] product would be a second w-sized temporary).
         vc_acc = config.vocab_chunk or round_down((tn * v1) // max(d, 1), 128, 128)
@@ -138,7 +140,10 @@ def plan(config: XlaConfig | None, problem: Problem, target: Target) -> XlaPlan:
         vc = _balanced(v1, round_down(max(32 * 2**18, 64) // stats_tn, 128, 128), 32)
         return XlaPlan(strategy, tn, min(vc, v1), vc_acc, problem.w_vd)
     tn = min(config.token_chunk or _balanced(n1, 4096, 8), n1)
-    vc = config.vocab_chunk or _balanced(v1, round_down(elems // tn, 128, 128), 32)
+    # The backward's float32 [D, vc] dw accumulator stays within a quarter of the
+    # materialized [N, V] logits (no regret at small N).
+    largest = min(round_down(elems // tn, 128, 128), round_down(n1 * v1 // (4 * d), 128, 128))
+    vc = config.vocab_chunk or _balanced(v1, largest, 32)
     return XlaPlan(strategy, tn, min(vc, v1), min(vc, v1), problem.w_vd)
 
 
