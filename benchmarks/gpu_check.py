@@ -81,11 +81,10 @@ QUICK = ("llama3-8b", "gpt2-f32")
 # name -> (implementation, config); "materialized" is the baseline the fused op replaces.
 CONTENDERS: dict[str, tuple[str, Any]] = {
     "pallas_gpu": ("pallas_gpu", None),
-    "pallas_gpu[kernels]": ("pallas_gpu", PallasGpuConfig(backward="kernels")),
     "xla": ("xla", None),
     "materialized": ("materialized", None),
 }
-FUSED = ("pallas_gpu", "pallas_gpu[kernels]", "xla")
+FUSED = ("pallas_gpu", "xla")
 
 
 def inputs(case: Case, seed: int = 0):

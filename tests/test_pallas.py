@@ -46,13 +46,10 @@ GPU = PallasGpuConfig(
     chunk_bytes=64 * 37 * 4,
     interpret=True,
 )
-# The all-Pallas backward; chunk_bytes is then float32 [D=24, 96 columns].
-GPU_KERNELS = dataclasses.replace(GPU, backward="kernels")
 TPU = PallasTpuConfig(block_tokens=16, block_vocab=32, interpret=True)
 BACKENDS = {"pallas_gpu": (GPU, pallas_gpu_stats), "pallas_tpu": (TPU, pallas_tpu_stats)}
 STATS_CASES = {
     "gpu-dlogits": (GPU, pallas_gpu_stats),
-    "gpu-kernels": (GPU_KERNELS, pallas_gpu_stats),
     "tpu": (TPU, pallas_tpu_stats),
 }
 PLANS = {PallasGpuConfig: pallas_gpu.plan, PallasTpuConfig: pallas_tpu.plan}
@@ -118,7 +115,6 @@ def _pallas_calls(closed_jaxpr) -> list:
     "impl, config, kernels",
     [
         ("pallas_gpu", GPU, ["fwd", "bwd_dlogits"]),
-        ("pallas_gpu", GPU_KERNELS, ["fwd", "bwd_dx", "bwd_dw"]),
         ("pallas_tpu", TPU, ["fwd", "bwd_dx", "bwd_dw"]),
         (
             "pallas_tpu",
@@ -126,7 +122,7 @@ def _pallas_calls(closed_jaxpr) -> list:
             ["fwd", "bwd_dx", "bwd_dw"],
         ),
     ],
-    ids=["gpu-dlogits", "gpu-kernels", "tpu", "tpu-InterpretParams"],
+    ids=["gpu-dlogits", "tpu", "tpu-InterpretParams"],
 )
 def test_interpret_flag_reaches_every_pallas_call(impl, config, kernels):
     x, w, bias, labels, _ = _inputs(37, 24, 123)
@@ -146,8 +142,8 @@ def test_interpret_flag_reaches_every_pallas_call(impl, config, kernels):
 
 @pytest.mark.parametrize(
     "impl, config",
-    [("pallas_gpu", GPU), ("pallas_gpu", GPU_KERNELS), ("pallas_tpu", TPU)],
-    ids=["gpu-dlogits", "gpu-kernels", "tpu"],
+    [("pallas_gpu", GPU), ("pallas_tpu", TPU)],
+    ids=["gpu-dlogits", "tpu"],
 )
 def test_tied_embedding_reaches_every_kernel_as_stored(impl, config):
     """``w = Transposed(embedding)``: each kernel reads the [V, D] embedding itself (a
@@ -396,13 +392,9 @@ def _export_for(monkeypatch, platform, impl, config, dtype, n=300, d=256, v=1000
     return export.export(fn, platforms=[platform], disabled_checks=checks)(*args).mlir_module()
 
 
-@pytest.mark.parametrize(
-    "backward, kernels",
-    [("dlogits", ["fwd", "bwd_dlogits"]), ("kernels", ["fwd", "bwd_dx", "bwd_dw"])],
-)
 @pytest.mark.parametrize("tied", [False, True], ids=["w", "embedding_T"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_gpu_kernels_lower_to_triton_with_h100_tiles(monkeypatch, dtype, backward, kernels, tied):
+def test_gpu_kernels_lower_to_triton_with_h100_tiles(monkeypatch, dtype, tied):
     bt, bv, bd, warps, stages = _default_tiles("NVIDIA H100 80GB HBM3", jnp.dtype(dtype).itemsize)
     config = PallasGpuConfig(
         block_tokens=bt,
@@ -410,10 +402,9 @@ def test_gpu_kernels_lower_to_triton_with_h100_tiles(monkeypatch, dtype, backwar
         block_d=bd,
         num_warps=warps,
         num_stages=stages,
-        backward=backward,
     )
     text = _export_for(monkeypatch, "cuda", "pallas_gpu", config, dtype, tied=tied)
-    for k in kernels:
+    for k in ("fwd", "bwd_dlogits"):
         launch = (
             f'name = "fusedloss_lce_{k}", num_stages = {stages} : i32, num_warps = {warps} : i32'
         )

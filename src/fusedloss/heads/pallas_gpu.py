@@ -15,9 +15,7 @@ only, the backward recomputes logits tile by tile. No kernel writes a float32
     for every vocabulary tile, stay in L2, and ``w`` streams from HBM about
     ``token tiles * splits / SMs`` times.
 
-Two backward strategies (``PallasGpuConfig.backward``):
-
-``"dlogits"`` (default)
+The backward
     One kernel, a 2-D tiled matmul with a fused epilogue (program order grouped as
     in Triton's matmul tutorial so neighbouring programs share ``x`` and ``w`` tiles
     in L2): recompute a logits tile, pull the cotangents of (lse, label logit, logit
@@ -26,19 +24,13 @@ Two backward strategies (``PallasGpuConfig.backward``):
     (``chunk_bytes``), with its float32 column sums (``dbias``). XLA's GEMMs then
     add ``dlogits @ w[:, chunk].T`` into a float32 ``dx`` and form
     ``x.T @ dlogits`` as ``dw[:, chunk]``. Both big products run at library speed;
-    the chunk is the only logits-sized buffer, in the input dtype and bounded.
-``"kernels"``
-    Everything in Pallas, two kernels and no atomics: ``dx`` over grid
-    ``(vocab splits, token tiles)`` and ``dw``/``dbias`` over vocabulary tiles, each
-    recomputing its logits tiles. A ``[block, D]`` float32 accumulator does not fit
-    in registers for LM heads (``D`` = 2k..8k), so each program read-modify-writes
-    its own rows of ``dx`` (its own columns of a ``[D, chunk]`` float32 ``dw``
-    accumulator) in global memory, one ``block_d`` slice at a time: deterministic,
-    but that traffic makes it memory-bound on an H100 (``benchmarks/NOTES.md``).
+    the chunk is the only logits-sized buffer, in the input dtype and bounded. (An
+    all-Pallas backward that read-modify-writes float32 ``dx``/``dw`` slices in
+    global memory was removed: nothing selected it, and its predicted traffic,
+    hundreds of GB at LM heads, made it memory-bound; ``benchmarks/NOTES.md``.)
 
-FLOPs: the forward is one ``N x D x V`` matmul (2 N D V), either backward four
-(recompute, ``dx``, ``dw``; "kernels" recomputes twice): 8 N D V in all with
-"dlogits", 10 N D V with "kernels", against the materialized version's 6.
+FLOPs: the forward is one ``N x D x V`` matmul (2 N D V), the backward three
+(recompute, ``dx``, ``dw``): 8 N D V in all, against the materialized version's 6.
 
 Partial tiles (``N``, ``D`` or ``V`` not multiples of the blocks) are handled with
 masked loads and stores (``other=0`` for the matmul operands, ``-inf`` for logits
@@ -61,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +75,6 @@ _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 _SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
-_BACKWARDS = ("auto", "dlogits", "kernels")
 # Resident token tiles' x rows the forward tries to keep in L2 (H100: 50 MiB).
 _L2_X_BYTES = 24 * 2**20
 
@@ -108,17 +99,12 @@ class PallasGpuConfig:
       block_d: hidden-size slice per matmul step (power of 2, >= 16).
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth of the ``block_d`` loops.
-      vocab_splits: programs per token tile along the vocabulary in the forward
-        (and in the ``dx`` kernel of ``backward="kernels"``, where each split costs
-        a float32 ``[N, D]`` partial); default: enough programs to fill the GPU
-        with few enough token tiles resident that their ``x`` rows stay in L2.
-      backward: ``"auto"`` (= ``"dlogits"``), ``"dlogits"`` (kernel for the logits
-        gradient of a vocabulary chunk, XLA GEMMs for ``dx``/``dw``) or
-        ``"kernels"`` (all in Pallas); see the module docstring.
-      chunk_bytes: bytes of the per-chunk backward buffer: the ``[N, chunk]``
-        logits gradient in the input dtype (``"dlogits"``) or the float32
-        ``[D, chunk]`` ``dw`` accumulator (``"kernels"``).
-      group_tokens: token tiles per program group of the ``"dlogits"`` kernel
+      vocab_splits: programs per token tile along the vocabulary in the forward;
+        default: enough programs to fill the GPU with few enough token tiles
+        resident that their ``x`` rows stay in L2.
+      chunk_bytes: bytes of the per-chunk backward buffer, the ``[N, chunk]``
+        logits gradient in the input dtype.
+      group_tokens: token tiles per program group of the backward kernel
         (L2 reuse, as ``GROUP_M`` in Triton's matmul tutorial).
       interpret: run the kernels in Pallas interpret mode (any backend, slow);
         what the CPU tests use.
@@ -130,7 +116,6 @@ class PallasGpuConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     vocab_splits: int | None = None
-    backward: Literal["auto", "dlogits", "kernels"] = "auto"
     chunk_bytes: int = 256 * 2**20
     group_tokens: int = 8
     interpret: bool = False
@@ -149,10 +134,6 @@ class PallasGpuConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"PallasGpuConfig.{name} must be a positive int, got {value!r}.")
-        if self.backward not in _BACKWARDS:
-            raise ValueError(
-                f"PallasGpuConfig.backward must be one of {_BACKWARDS}, got {self.backward!r}."
-            )
         if not isinstance(self.interpret, bool):
             raise TypeError(f"PallasGpuConfig.interpret must be a bool, got {self.interpret!r}.")
 
@@ -167,20 +148,14 @@ class PallasGpuConfig:
         bv = self.block_vocab or min(bv, max(16, pl.next_power_of_2(v)))
         bd = self.block_d or min(bd, max(16, pl.next_power_of_2(d)))
         nt, nv = cdiv(n, bt), cdiv(v, bv)
-        backward = "dlogits" if self.backward == "auto" else self.backward
         if self.vocab_splits:
-            fwd_splits = dx_splits = self.vocab_splits
+            fwd_splits = self.vocab_splits
         else:
             # Two waves of programs, and at most _L2_X_BYTES of x rows resident.
             fwd_splits = min(
                 16, max(cdiv(2 * sm_count, nt), cdiv(sm_count * bt * d * itemsize, _L2_X_BYTES))
             )
-            # Each dx split holds a float32 [N, D] partial: at most 256 MiB of them.
-            dx_splits = max(1, min(8, cdiv(2 * sm_count, nt), (256 * 2**20) // (4 * n * d)))
-        if backward == "dlogits":
-            chunk = max(bv, (self.chunk_bytes // (n * itemsize)) // bv * bv)
-        else:
-            chunk = max(bv, (self.chunk_bytes // (4 * d)) // bv * bv)
+        chunk = max(bv, (self.chunk_bytes // (n * itemsize)) // bv * bv)
         return _Plan(
             bt=bt,
             bv=bv,
@@ -188,8 +163,6 @@ class PallasGpuConfig:
             num_warps=self.num_warps or warps,
             num_stages=self.num_stages or stages,
             fwd=_splits(nv, fwd_splits),
-            dx=_splits(nv, dx_splits),
-            backward=backward,
             chunk=min(chunk, v),
             group=self.group_tokens,
             interpret=self.interpret,
@@ -209,8 +182,6 @@ class _Plan(NamedTuple):
     num_warps: int
     num_stages: int
     fwd: tuple[int, int]  # forward (splits, tiles per split)
-    dx: tuple[int, int]  # dx kernel of backward="kernels" (splits, tiles per split)
-    backward: str
     chunk: int  # vocabulary columns per backward chunk
     group: int
     interpret: bool
@@ -255,7 +226,7 @@ def _default_tiles(kind: str, itemsize: int) -> tuple[int, int, int, int, int]:
 
 
 class _Static(NamedTuple):
-    """Compile-time facts shared by the three kernels."""
+    """Compile-time facts shared by the kernels."""
 
     n: int
     d: int
@@ -438,115 +409,6 @@ def _dlogits(st: _Static, s, cols, cols_ok, rows):
     return jnp.where(keep, dl, 0.0)
 
 
-def _dx_kernel(x_ref, w_ref, *refs, st: _Static, tiles_per_split: int, nv: int):
-    if st.has_bias:
-        b_ref, *refs = refs
-    else:
-        b_ref = None
-    *row_refs, dx_ref = refs
-    split, i = pl.program_id(0), pl.program_id(1)
-    r0, rows_ok = _rows(st, i)
-    rows = _row_inputs(st, row_refs, r0, rows_ok)
-    base = split * st.n + r0
-    nk = cdiv(st.d, st.bd)
-    check_cols = st.v % st.bv != 0 or nv % tiles_per_split != 0
-
-    def zero(k, carry):
-        k0, k_ok = _d_slice(st, k)
-        _store(
-            dx_ref.at[pl.ds(base, st.bt), pl.ds(k0, st.bd)],
-            jnp.zeros((st.bt, st.bd), st.acc),
-            _outer(rows_ok, k_ok, st.bt, st.bd),
-        )
-        return carry
-
-    _fori(nk, zero, 0)
-
-    def v_body(jj, carry):
-        c0 = (split * tiles_per_split + jj) * st.bv
-        cols = c0 + _iota(st.bv)
-        cols_ok = (cols < st.v) if check_cols else None
-        s = _logits_tile(st, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok)
-        dl = _dlogits(st, s, cols, cols_ok, rows).astype(st.in_dtype)
-
-        def k_body(k, carry):
-            k0, k_ok = _d_slice(st, k)
-            wb = _w_tile(st, w_ref, k0, k_ok, c0, cols_ok)
-            upd = lax.dot_general(
-                dl,
-                wb,
-                _NN if st.w_vd else _NT,
-                precision=st.precision,
-                preferred_element_type=st.acc,
-            )
-            ref = dx_ref.at[pl.ds(base, st.bt), pl.ds(k0, st.bd)]
-            mask = _outer(rows_ok, k_ok, st.bt, st.bd)
-            _store(ref, _load(ref, mask, 0.0) + upd, mask)
-            return carry
-
-        _fori(nk, k_body, 0)
-        if not st.interpret:
-            # The next vocabulary tile re-reads these dx slices; order the threads.
-            plgpu.debug_barrier()
-        return carry
-
-    _fori(tiles_per_split, v_body, 0)
-
-
-def _dw_kernel(x_ref, w_ref, *refs, st: _Static, chunk: int):
-    if st.has_bias:
-        b_ref, *refs = refs
-    else:
-        b_ref = None
-    col0_ref, *row_refs, dw_ref, db_ref = refs
-    j = pl.program_id(0)
-    lc0 = j * st.bv  # column offset inside the chunk
-    col0 = col0_ref[0]
-    lcols = lc0 + _iota(st.bv)
-    cols_ok = (lcols < chunk) if chunk % st.bv != 0 else None
-    c0 = col0 + lc0
-    cols = c0 + _iota(st.bv)
-    nk = cdiv(st.d, st.bd)
-    nt = cdiv(st.n, st.bt)
-
-    def zero(k, carry):
-        ref, mask = _vd_tile(st, dw_ref, *_d_slice(st, k), lc0, cols_ok)
-        _store(ref, jnp.zeros(ref.shape, st.acc), mask)
-        return carry
-
-    _fori(nk, zero, 0)
-
-    def t_body(i, db):
-        r0, rows_ok = _rows(st, i)
-        rows = _row_inputs(st, row_refs, r0, rows_ok)
-        ok = rows[1] if rows_ok is None else rows[1] & rows_ok
-        s = _logits_tile(st, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok)
-        dl = _dlogits(st, s, cols, cols_ok, rows)
-        dl_c = dl.astype(st.in_dtype)
-
-        def k_body(k, carry):
-            k0, k_ok = _d_slice(st, k)
-            # Excluded rows are zeroed: 0 * NaN in the product would poison dw.
-            xb = _load(
-                x_ref.at[pl.ds(r0, st.bt), pl.ds(k0, st.bd)],
-                _outer(ok, k_ok, st.bt, st.bd),
-                0.0,
-            )
-            a, b = (dl_c, xb) if st.w_vd else (xb, dl_c)
-            upd = lax.dot_general(a, b, _TN, precision=st.precision, preferred_element_type=st.acc)
-            ref, mask = _vd_tile(st, dw_ref, k0, k_ok, lc0, cols_ok)
-            _store(ref, _load(ref, mask, 0.0) + upd, mask)
-            return carry
-
-        _fori(nk, k_body, 0)
-        if not st.interpret:
-            plgpu.debug_barrier()
-        return db + jnp.sum(dl, axis=0)
-
-    db = _fori(nt, t_body, jnp.zeros((st.bv,), st.acc))
-    _store(db_ref.at[pl.ds(lc0, st.bv)], db, cols_ok)
-
-
 def _swizzle(pid, n_rows: int, n_cols: int, group: int):
     """Tile (row, column) of program ``pid``, programs ordered in groups of ``group``
     row tiles that sweep the columns together (neighbours share tiles in L2)."""
@@ -658,9 +520,7 @@ def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
     lse = jnp.where(valid, lse, 0.0)
     row_args = (labels, valid.astype(jnp.int32), lse, g_lse, g_lab, g_sum)
     head = (x, w) + (() if bias is None else (bias,))
-    if plan.backward == "dlogits":
-        return _backward_dlogits(st, plan, x, w, bias, valid, head, row_args)
-    return _backward_kernels(st, plan, x, w, bias, head, row_args)
+    return _backward_dlogits(st, plan, x, w, bias, valid, head, row_args)
 
 
 def _over_chunks(v: int, chunk: int, chunk_grads, init):
@@ -728,43 +588,6 @@ def _backward_dlogits(st: _Static, plan: _Plan, x, w, bias, valid, head, row_arg
     )
     dx, dw, db = _over_chunks(v, chunk, chunk_grads, init)
     return dx.astype(x.dtype), dw, db
-
-
-def _backward_kernels(st: _Static, plan: _Plan, x, w, bias, head, row_args):
-    n, d, v, chunk = st.n, st.d, st.v, plan.chunk
-    nt, nv = cdiv(n, st.bt), cdiv(v, st.bv)
-    splits, per_split = plan.dx
-    dx_parts = _call(
-        functools.partial(_dx_kernel, st=st, tiles_per_split=per_split, nv=nv),
-        plan,
-        (splits, nt),
-        jax.ShapeDtypeStruct((splits * n, d), st.acc),
-        "fusedloss_lce_bwd_dx",
-    )(*head, *row_args)
-    dx = jnp.sum(dx_parts.reshape(splits, n, d), axis=0).astype(x.dtype)
-
-    dw_call = _call(
-        functools.partial(_dw_kernel, st=st, chunk=chunk),
-        plan,
-        (cdiv(chunk, st.bv),),
-        [
-            jax.ShapeDtypeStruct((chunk, d) if st.w_vd else (d, chunk), st.acc),
-            jax.ShapeDtypeStruct((chunk,), st.acc),
-        ],
-        "fusedloss_lce_bwd_dw",
-    )
-
-    def chunk_grads(start, fresh, carry):
-        dw, db = carry
-        dw32, db32 = dw_call(*head, jnp.reshape(start, (1,)).astype(jnp.int32), *row_args)
-        dw = _put_columns(dw, dw32, start, fresh, axis=0 if st.w_vd else 1)
-        if db is not None:
-            db = _put_columns(db, db32, start, fresh)
-        return dw, db
-
-    init = (jnp.zeros_like(w), None if bias is None else jnp.zeros_like(bias))
-    dw, db = _over_chunks(v, chunk, chunk_grads, init)
-    return dx, dw, db
 
 
 # --------------------------------------------------------------------------------------
