@@ -106,7 +106,7 @@ def test_extra_features_match_float64_oracle(kw):
     np.testing.assert_allclose(got, oracle(logits, np.asarray(labels), **kw), rtol=1e-5, atol=1e-6)
     with jax.enable_x64(True):
         z64 = jnp.asarray(logits, jnp.float64)
-        check_grads(lambda z: ce(z, labels, **api_kw), (z64,), order=1, modes=["rev"], atol=1e-6)
+        check_grads(lambda z: ce(z, labels, **api_kw), (z64,), order=1, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -136,8 +136,9 @@ def _element_mask(
 
 
 def _log_softmax(x: Array, axes: tuple[int, ...]) -> Array:
-    # Shift by the (constant) max for stability, as jax.nn.log_softmax does.
-    shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True))
+    # Shift by the (constant) max for stability, as jax.nn.log_softmax does; `initial`
+    # lets an empty class axis through (its sums are 0, as in optax).
+    shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True, initial=-jnp.inf))
     return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True))
 
 
