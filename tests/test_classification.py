@@ -704,7 +704,21 @@ def test_check_grads_float64(name):
         jitted = jax.jit(fn)
         out = jitted(*args)
         assert out.dtype == jnp.float64 and np.isfinite(out).all() and (out != 0).any()
-        check_grads(jitted, args, order=1, modes=["rev"])
+        check_grads(jitted, args, order=1)
+
+
+@pytest.mark.parametrize(
+    "name", ["softmax_cross_entropy", "poly_loss_cross_entropy", "safe_softmax_cross_entropy"]
+)
+def test_empty_class_axis_matches_optax(name):
+    logits = jnp.zeros((2, 0), jnp.float32)
+    want = np.asarray(getattr(optax.losses, name)(logits, logits))
+    np.testing.assert_array_equal(want, [0.0, 0.0])
+    np.testing.assert_array_equal(getattr(cls, name)(logits, logits), want)
+    np.testing.assert_array_equal(jax.jit(getattr(cls, name))(logits, logits), want)
+    if name != "safe_softmax_cross_entropy":
+        where = jnp.zeros((2, 0), bool)
+        np.testing.assert_array_equal(getattr(cls, name)(logits, logits, where=where), want)
 
 
 # ----------------------------------------------------------------------------------

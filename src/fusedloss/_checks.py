@@ -103,6 +103,16 @@ def check_axis(name: str, axis: Any, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def check_axis_in_order(name: str, axis: Any, ndim: int) -> tuple[int, ...]:
+    """Like :func:`check_axis`, but keeps the axes in the order given.
+
+    For class axes that are flattened in that order (a label is a C-order index).
+    """
+    check_axis(name, axis, ndim)
+    axes = (axis,) if isinstance(axis, int | np.integer) else axis
+    return tuple(int(a) % ndim for a in axes)
+
+
 def check_scalar_range(
     name: str,
     value: Any,

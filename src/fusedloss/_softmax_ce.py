@@ -1,10 +1,12 @@
-"""Softmax cross-entropy with integer labels: one fused pass with a custom VJP.
+"""Softmax cross-entropy with integer labels: one fused pass with a custom JVP.
 
 The forward evaluates, per row, the log-sum-exp and the label logit (plus the logit
-sum for label smoothing) in float32, never forming log-probabilities. The VJP keeps
-as residuals only the input logits themselves and one float32 log-sum-exp per row;
-the backward recomputes ``softmax = exp(logits - lse)`` on the fly, so no new
-logits-sized buffer lives between forward and backward.
+sum for label smoothing) in float32, never forming log-probabilities. The JVP rule
+is linear in the tangents, with the logit gradient (one float32 array the size of the
+logits) and per-row partial derivatives as coefficients: forward mode (``jax.jvp``,
+``jacfwd``, ``hessian``) works, reverse mode is JAX's transpose of the rule and keeps
+only those coefficients between forward and backward, and the hyperparameters
+(``label_smoothing``, ``z_loss``, ``logit_softcap``) are differentiated too.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def softmax_cross_entropy_with_integer_labels(
       logits: unnormalized log-probabilities, ``[..., num_classes]`` (the class
         axes given by ``axis``); float32, bfloat16 or float16 (computed in float32).
       labels: integer class ids, with the shape of ``logits`` minus the class axes.
-        With a tuple ``axis`` a label is a flat index into the class axes.
+        With a tuple ``axis`` a label is a flat (C-order) index into the class axes
+        taken in the order given, as in optax.
       axis: class axis or axes.
       where: optional boolean mask, either per example (the shape of ``labels``) or
         per element (the shape of ``logits``: excluded classes take no part in the
@@ -77,7 +80,7 @@ def softmax_cross_entropy_with_integer_labels(
     labels = jnp.asarray(labels)
     if logits.ndim < 1:
         raise ValueError(f"`logits` must have at least one (class) axis, got shape {logits.shape}.")
-    class_axes = _checks.check_axis("axis", axis, logits.ndim)
+    class_axes = _checks.check_axis_in_order("axis", axis, logits.ndim)
     batch_axes = tuple(a for a in range(logits.ndim) if a not in class_axes)
     batch_shape = tuple(logits.shape[a] for a in batch_axes)
     num_classes = int(np.prod([logits.shape[a] for a in class_axes]))
@@ -129,70 +132,88 @@ def _maybe_nonzero(value) -> bool:
     return not _checks.is_concrete(value) or float(value) != 0.0
 
 
-def _row_stats(flat, labels, elem_mask, cap, smoothing):
-    """float32 (lse, label logit, logit sum or None, class count) per row."""
+def _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing):
+    """Per-row loss and every primal quantity its tangent needs.
+
+    Returns ``(loss, grad, d_alpha, d_zl, d_cap)``: ``grad`` is d loss / d logits
+    (logits-sized, accumulation dtype) and the other three are per-row partial
+    derivatives with respect to the scalar hyperparameters. Excluded rows have loss,
+    ``grad`` and partials exactly 0, whatever their logits hold.
+    """
     dt = _ce_math.acc_dtype(flat.dtype)
-    s = _ce_math.softcap(flat.astype(dt), None if cap is None else cap.astype(dt))
+    z = flat.astype(dt)
+    s = _ce_math.softcap(z, cap)
     num_classes = flat.shape[-1]
+    classes = jax.lax.broadcasted_iota(labels.dtype, s.shape, s.ndim - 1)
+    is_label = labels[..., None] == classes
     # Out-of-range labels are clipped only to keep the gather in bounds; the loss of
     # such an example is made NaN afterwards.
     safe_labels = jnp.clip(labels, 0, num_classes - 1)
     label_logit = jnp.take_along_axis(s, safe_labels[..., None], axis=-1)[..., 0]
-    s_in = s if elem_mask is None else jnp.where(elem_mask, s, -jnp.inf)
-    m = jnp.max(s_in, axis=-1)
-    m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
-    lse = m_safe + jnp.log(jnp.sum(jnp.exp(s_in - m_safe[..., None]), axis=-1))
+    rows = valid[..., None]
+    if elem_mask is None:
+        include = jnp.broadcast_to(rows, s.shape)
+    else:
+        include = elem_mask & rows
+    # Excluded rows are computed on zeros, fully included, and zeroed at the end: no
+    # -inf log-sum-exp (log 0) whose derivative would put 0 * inf into a Hessian.
+    live = include | ~rows
+    s_live = jnp.where(rows, s, 0.0)
+    s_in = jnp.where(live, s_live, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s_in, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    lse = m[..., 0] + jnp.log(jnp.sum(jnp.exp(s_in - m), axis=-1))
+    # The exponent is -inf (not s - lse) off the included classes, so an excluded
+    # logit far above the included ones cannot overflow exp.
+    p = jnp.exp(jnp.where(live, s_live - lse[..., None], -jnp.inf))
     sum_logits = None
     count = num_classes
     if smoothing:
-        if elem_mask is None:
-            sum_logits = jnp.sum(s, axis=-1)
-        else:
-            sum_logits = jnp.sum(jnp.where(elem_mask, s, 0.0), axis=-1)
-            count = jnp.maximum(jnp.sum(elem_mask, axis=-1, dtype=dt), 1.0)
-    return lse, label_logit, sum_logits, count
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _fused_ce(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing):
-    return _fused_ce_fwd(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing)[0]
-
-
-def _fused_ce_fwd(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing):
-    lse, label_logit, sum_logits, count = _row_stats(flat, labels, elem_mask, cap, smoothing)
+        sum_logits = jnp.sum(jnp.where(live, s_live, 0.0), axis=-1)
+        if elem_mask is not None:
+            count = jnp.maximum(jnp.sum(include, axis=-1, dtype=dt), 1.0)
     loss = _ce_math.token_loss(
         lse, label_logit, sum_logits, num_classes=count, label_smoothing=alpha, z_loss=zl
     )
-    loss = _ce_math.nan_if_bad_label(jnp.where(valid, loss, 0.0), labels, flat.shape[-1], valid)
-    # Residuals: the input logits plus one float32 value per row.
-    return loss, (flat, labels, valid, elem_mask, alpha, zl, cap, lse)
-
-
-def _fused_ce_bwd(smoothing, res, g):
-    flat, labels, valid, elem_mask, alpha, zl, cap, lse = res
-    dt = _ce_math.acc_dtype(flat.dtype)
-    s = _ce_math.softcap(flat.astype(dt), None if cap is None else cap.astype(dt))
-    count = flat.shape[-1]
-    if elem_mask is not None:
-        if smoothing:
-            count = jnp.maximum(jnp.sum(elem_mask, axis=-1, keepdims=True, dtype=dt), 1.0)
-    lse_safe = jnp.where(valid, lse, 0.0)[..., None]
-    classes = jnp.arange(flat.shape[-1], dtype=labels.dtype).reshape((1,) * labels.ndim + (-1,))
-    is_label = labels[..., None] == classes
-    scale = jnp.where(valid, g.astype(dt), 0.0)[..., None]
-    dlogits = _ce_math.logit_grad(
-        s,
-        lse_safe,
-        is_label,
-        scale,
-        num_classes=count,
-        label_smoothing=alpha if smoothing else 0.0,
-        z_loss=zl,
-        cap=None if cap is None else cap.astype(dt),
-        include=elem_mask,
+    # d loss / d s, the pre-softcap gradient (see _ce_math).
+    g_lse, g_label, g_sum = _ce_math.token_loss_cotangents(
+        lse, 1.0, num_classes=count, label_smoothing=alpha, z_loss=zl
     )
-    zeros = jax.tree.map(jnp.zeros_like, (alpha, zl, cap))
-    return (dlogits.astype(flat.dtype), None, None, None, *zeros)
+    coef = g_lse[..., None] * p + jnp.where(is_label, g_label, 0.0)
+    if smoothing:
+        coef = coef + jnp.where(live, jnp.broadcast_to(g_sum, lse.shape)[..., None], 0.0)
+    grad = jnp.where(rows, coef * _ce_math.softcap_grad(s, cap), 0.0)
+    zero = jnp.zeros_like(lse)
+    d_alpha = label_logit - sum_logits / count if smoothing else zero
+    d_zl = lse * lse
+    d_cap = zero
+    if cap is not None:
+        # d/dc of c tanh(z / c) = r - (z / c) (1 - r^2), r = tanh(z / c) = s / c.
+        r = s / cap
+        d_cap = jnp.sum(jnp.where(rows, coef * (r - (z / cap) * (1.0 - r * r)), 0.0), axis=-1)
+    per_row = [jnp.where(valid, x, 0.0) for x in (loss, d_alpha, d_zl, d_cap)]
+    loss = _ce_math.nan_if_bad_label(per_row[0], labels, num_classes, valid)
+    return loss, grad, *per_row[1:]
 
 
-_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
+def _fused_ce(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing):
+    return _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing)[0]
+
+
+@_fused_ce.defjvp
+def _fused_ce_jvp(smoothing, primals, tangents):
+    # The tangent is linear in the tangents of the logits and of the hyperparameters,
+    # with logits-sized coefficient `grad` and per-row coefficients. Reverse mode is
+    # JAX's transpose of this rule, so its residuals are `grad` (one float32 array the
+    # size of the logits) and a few per-row scalars; no softmax is recomputed.
+    flat, labels, valid, elem_mask, alpha, zl, cap = primals
+    flat_dot, _, _, _, alpha_dot, zl_dot, cap_dot = tangents
+    loss, grad, d_alpha, d_zl, d_cap = _row_stats(
+        flat, labels, valid, elem_mask, alpha, zl, cap, smoothing
+    )
+    loss_dot = jnp.sum(grad * flat_dot.astype(grad.dtype), axis=-1)
+    loss_dot = loss_dot + d_alpha * alpha_dot + d_zl * zl_dot
+    if cap is not None:
+        loss_dot = loss_dot + d_cap * cap_dot
+    return loss, loss_dot

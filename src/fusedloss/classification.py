@@ -136,8 +136,9 @@ def _element_mask(
 
 
 def _log_softmax(x: Array, axes: tuple[int, ...]) -> Array:
-    # Shift by the (constant) max for stability, as jax.nn.log_softmax does.
-    shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True))
+    # Shift by the (constant) max for stability, as jax.nn.log_softmax does; `initial`
+    # lets an empty class axis through (its sums are 0, as in optax).
+    shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True, initial=-jnp.inf))
     return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True))
 
 
@@ -470,15 +471,35 @@ def multiclass_sparsemax_loss(scores: ArrayLike, labels: ArrayLike) -> Array:
       >>> print(classification.multiclass_sparsemax_loss(scores, jnp.array([0, 0])))
       [0.     1.0625]
     """
-    s, is_label, label_score, valid, out_dtype = _multiclass_inputs(scores, labels)
-    # p is optimal for the max in the loss's Fenchel-conjugate form, so by the
-    # envelope theorem no gradient needs to flow through it: d loss/d s = p - e_y.
-    p = jax.lax.stop_gradient(_sparsemax(s))
+    s, is_label, _, valid, out_dtype = _multiclass_inputs(scores, labels)
+    return _nan_where_invalid(_sparsemax_loss(s, is_label), valid).astype(out_dtype)
+
+
+@jax.custom_jvp
+def _sparsemax_loss(s: Array, is_label: Array) -> Array:
+    return _sparsemax_loss_given_p(s, _sparsemax(s), is_label)
+
+
+def _sparsemax_loss_given_p(s: Array, p: Array, is_label: Array) -> Array:
     # Shifted by the label score (shift-invariant, exact 0 at the label) and read
     # only on the support, so -inf scores outside it do not give 0 * inf.
-    shifted = jnp.where((p > 0) & ~is_label, s - label_score[..., None], 0.0)
-    loss = jnp.sum(p * shifted, axis=-1) + 0.5 * (1.0 - jnp.sum(p * p, axis=-1))
-    return _nan_where_invalid(loss, valid).astype(out_dtype)
+    label_score = jnp.sum(jnp.where(is_label, s, 0.0), axis=-1, keepdims=True)
+    shifted = jnp.where((p > 0) & ~is_label, s - label_score, 0.0)
+    return jnp.sum(p * shifted, axis=-1) + 0.5 * (1.0 - jnp.sum(p * p, axis=-1))
+
+
+@_sparsemax_loss.defjvp
+def _sparsemax_loss_jvp(
+    primals: tuple[Array, Array], tangents: tuple[Array, Array]
+) -> tuple[Array, Array]:
+    # p is optimal for the max in the loss's Fenchel-conjugate form, so by the envelope
+    # theorem d loss / d s = p - e_y. p itself stays differentiable here, so second
+    # derivatives (the Jacobian of sparsemax) are right too.
+    s, is_label = primals
+    s_dot, _ = tangents
+    p = _sparsemax(s)
+    grad = p - is_label.astype(s.dtype)
+    return _sparsemax_loss_given_p(s, p, is_label), jnp.sum(grad * s_dot, axis=-1)
 
 
 def softmax_cross_entropy(

@@ -275,6 +275,9 @@ def _cosine(
     included = None
     if mask is not None:
         included = jnp.any(mask, axis=axes)
+    elif math.prod(a.shape[i] for i in axes) == 0:
+        included = jnp.zeros(dot.shape, bool)  # empty vectors: nothing to compare
+    if included is not None:
         # Fully excluded rows: a finite stand-in norm keeps the gradient 0, not 0/0.
         a_norm2 = jnp.where(included, a_norm2, 1.0)
         b_norm2 = jnp.where(included, b_norm2, 1.0)
@@ -296,7 +299,8 @@ def cosine_similarity(
     ``sum(a * b) / (sqrt(max(sum(a**2), epsilon)) * sqrt(max(sum(b**2), epsilon)))``,
     sums taken over ``axis`` and the elements selected by ``where``. As in optax,
     ``epsilon`` bounds the *squared* norms from below, and a zero vector gives NaN
-    when ``epsilon`` is 0. A row with no included element gives 0 (and gradient 0).
+    when ``epsilon`` is 0. A row with no included element (or an empty ``axis``)
+    gives 0 and gradient 0.
 
     Args:
       predictions: floating array ``[..., dim]``.
@@ -333,8 +337,8 @@ def cosine_distance(
 ) -> jax.Array:
     """Cosine distance ``1 - cosine_similarity(predictions, targets)`` along ``axis``.
 
-    A row with no included element gives 0 and gradient 0 (optax gives 1 and a NaN
-    gradient there): an excluded row contributes nothing to a loss.
+    A row with no included element (or an empty ``axis``) gives 1, as in optax (the
+    similarity there is 0), with gradient 0 (optax's is NaN).
 
     Args:
       predictions: floating array ``[..., dim]``.
@@ -357,7 +361,6 @@ def cosine_distance(
       [1. 0.]
     """
     cos, included, out_dtype = _cosine(predictions, targets, epsilon, axis, where)
-    dist = 1.0 - cos
     if included is not None:
-        dist = jnp.where(included, dist, 0.0)
-    return dist.astype(out_dtype)
+        cos = jnp.where(included, cos, 0.0)
+    return (1.0 - cos).astype(out_dtype)
