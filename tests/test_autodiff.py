@@ -23,6 +23,9 @@ import fusedloss as fl
 NOT_STANDARD = {
     "LinearCrossEntropyAux",
     "XlaConfig",
+    "PallasGpuConfig",
+    "PallasTpuConfig",
+    "Transposed",
     "accumulate_gradients",
     "causal_lm_objective",
     "classification_objective",
