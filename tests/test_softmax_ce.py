@@ -109,12 +109,19 @@ def test_extra_features_match_float64_oracle(kw):
         check_grads(lambda z: ce(z, labels, **api_kw), (z64,), order=1, atol=1e-6)
 
 
+@pytest.mark.parametrize("where_kind", [None, "per_row", "per_element"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_residuals_are_one_float32_logits_array_plus_per_row_values(dtype):
+def test_residuals_are_one_float32_logits_array_plus_per_row_values(dtype, where_kind):
     logits, labels = rand(1, (8, 16), 1000)
     logits = logits.astype(dtype)
+    rng = np.random.default_rng(2)
+    where = None
+    if where_kind is not None:
+        where = jnp.asarray(rng.random(labels.shape if where_kind == "per_row" else logits.shape))
+        where = where < 0.8
     _, vjp_fn = jax.vjp(
-        lambda z: ce(z, labels, label_smoothing=0.1, z_loss=1e-3, logit_softcap=30.0), logits
+        lambda z: ce(z, labels, where=where, label_smoothing=0.1, z_loss=1e-3, logit_softcap=30.0),
+        logits,
     )
     leaves = jax.tree.leaves(vjp_fn)
     big = [leaf for leaf in leaves if leaf.size > 8 * 16]
