@@ -46,6 +46,7 @@ _TEST_MODULES = (
 )
 
 # optax tests excluded here, each with the reason; keyed by "<module>.<Class>.<method>".
+# None at present: every test of the four modules passes against fusedloss.
 EXCLUDED: dict[str, str] = {}
 
 

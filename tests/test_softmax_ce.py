@@ -109,12 +109,19 @@ def test_extra_features_match_float64_oracle(kw):
         check_grads(lambda z: ce(z, labels, **api_kw), (z64,), order=1, atol=1e-6)
 
 
+@pytest.mark.parametrize("where_kind", [None, "per_row", "per_element"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_residuals_are_one_float32_logits_array_plus_per_row_values(dtype):
+def test_residuals_are_one_float32_logits_array_plus_per_row_values(dtype, where_kind):
     logits, labels = rand(1, (8, 16), 1000)
     logits = logits.astype(dtype)
+    rng = np.random.default_rng(2)
+    where = None
+    if where_kind is not None:
+        where = jnp.asarray(rng.random(labels.shape if where_kind == "per_row" else logits.shape))
+        where = where < 0.8
     _, vjp_fn = jax.vjp(
-        lambda z: ce(z, labels, label_smoothing=0.1, z_loss=1e-3, logit_softcap=30.0), logits
+        lambda z: ce(z, labels, where=where, label_smoothing=0.1, z_loss=1e-3, logit_softcap=30.0),
+        logits,
     )
     leaves = jax.tree.leaves(vjp_fn)
     big = [leaf for leaf in leaves if leaf.size > 8 * 16]
@@ -252,12 +259,13 @@ def test_forward_mode_matches_float64_oracle(kw):
 
         # float64 throughout: agreement to ~1e-10 is expected, 1e-9 leaves margin.
         tol = {"rtol": 1e-9, "atol": 1e-9}
-        np.testing.assert_allclose(jax.jvp(f, (z,), (dz,))[1], jax.jvp(g, (z,), (dz,))[1], **tol)
-        np.testing.assert_allclose(jax.jacfwd(f)(z), jax.jacfwd(g)(z), **tol)
-        np.testing.assert_allclose(
-            jax.hessian(lambda x: f(x).sum())(z), jax.hessian(lambda x: g(x).sum())(z), **tol
-        )
-        check_grads(f, (z,), order=2)  # default modes: ("fwd", "rev")
+        for transform in (
+            lambda h: jax.jit(lambda x: jax.jvp(h, (x,), (dz,))[1]),
+            jax.jacfwd,
+            lambda h: jax.hessian(lambda x: h(x).sum()),
+        ):
+            np.testing.assert_allclose(jax.jit(transform(f))(z), jax.jit(transform(g))(z), **tol)
+        check_grads(jax.jit(f), (z,), order=2)  # default modes: ("fwd", "rev")
 
 
 def test_forward_mode_in_float32_and_bf16():
@@ -290,10 +298,12 @@ def test_hyperparameter_gradients_match_finite_differences(name, per_element_whe
             return ce(z, labels, where=where, **{**HYPER, name: h}).sum()
 
         h, eps = HYPER[name], 1e-5
-        fd = (total(h + eps) - total(h - eps)) / (2 * eps)
-        grad = jax.grad(total)(h)
+        value = jax.jit(total)
+        fd = (value(h + eps) - value(h - eps)) / (2 * eps)
+        grad = jax.jit(jax.grad(total))(h)
         # Central differences in float64 with eps=1e-5: error ~eps**2 * f''' + 1e-16 / eps.
         np.testing.assert_allclose(grad, fd, rtol=1e-7)
         assert abs(float(fd)) > 1e-3  # the derivative checked is not trivially zero
         # Forward mode agrees too.
-        np.testing.assert_allclose(jax.jvp(total, (h,), (1.0,))[1], grad, rtol=1e-12)
+        tangent = jax.jit(lambda h: jax.jvp(total, (h,), (jnp.ones_like(h),))[1])(h)
+        np.testing.assert_allclose(tangent, grad, rtol=1e-12)

@@ -132,10 +132,11 @@ def _maybe_nonzero(value) -> bool:
     return not _checks.is_concrete(value) or float(value) != 0.0
 
 
-def _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing):
+def _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing, *, tangent=True):
     """Per-row loss and every primal quantity its tangent needs.
 
-    Returns ``(loss, grad, d_alpha, d_zl, d_cap)``: ``grad`` is d loss / d logits
+    Returns the loss alone when ``tangent`` is False, else
+    ``(loss, grad, d_alpha, d_zl, d_cap)``: ``grad`` is d loss / d logits
     (logits-sized, accumulation dtype) and the other three are per-row partial
     derivatives with respect to the scalar hyperparameters. Excluded rows have loss,
     ``grad`` and partials exactly 0, whatever their logits hold.
@@ -161,11 +162,8 @@ def _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing):
     s_live = jnp.where(rows, s, 0.0)
     s_in = jnp.where(live, s_live, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(s_in, axis=-1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    m = jnp.where(jnp.isneginf(m), 0.0, m)
     lse = m[..., 0] + jnp.log(jnp.sum(jnp.exp(s_in - m), axis=-1))
-    # The exponent is -inf (not s - lse) off the included classes, so an excluded
-    # logit far above the included ones cannot overflow exp.
-    p = jnp.exp(jnp.where(live, s_live - lse[..., None], -jnp.inf))
     sum_logits = None
     count = num_classes
     if smoothing:
@@ -175,6 +173,12 @@ def _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing):
     loss = _ce_math.token_loss(
         lse, label_logit, sum_logits, num_classes=count, label_smoothing=alpha, z_loss=zl
     )
+    if not tangent:
+        loss = jnp.where(valid, loss, 0.0)
+        return _ce_math.nan_if_bad_label(loss, labels, num_classes, valid)
+    # The exponent is -inf (not s - lse) off the included classes, so an excluded
+    # logit far above the included ones cannot overflow exp.
+    p = jnp.exp(jnp.where(live, s_live - lse[..., None], -jnp.inf))
     # d loss / d s, the pre-softcap gradient (see _ce_math).
     g_lse, g_label, g_sum = _ce_math.token_loss_cotangents(
         lse, 1.0, num_classes=count, label_smoothing=alpha, z_loss=zl
@@ -198,7 +202,7 @@ def _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
 def _fused_ce(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing):
-    return _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing)[0]
+    return _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing, tangent=False)
 
 
 @_fused_ce.defjvp

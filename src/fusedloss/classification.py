@@ -698,7 +698,7 @@ def nll_loss(
 
     if isinstance(axis, tuple):
         # Move the class axes last, in the order given, and flatten them.
-        given = tuple(int(a) % lp.ndim for a in axis)
+        given = _checks.check_axis_in_order("axis", axis, lp.ndim)
         batch_axes = tuple(i for i in range(lp.ndim) if i not in axes)
         lp = jnp.transpose(lp, batch_axes + given).reshape((*batch_shape, -1))
         class_axis = lp.ndim - 1
