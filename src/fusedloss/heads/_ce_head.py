@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from fusedloss.heads import xla
 from fusedloss.heads._engine import HeadOutput, Hyper, Problem, cross_entropy_from_stats
 from fusedloss.heads._registry import Choice, dispatch
-from fusedloss.heads._tokens import Tokens, _psum
+from fusedloss.heads._tokens import Tokens, psum_over
 
 
 @jax.tree_util.register_dataclass
@@ -93,7 +93,7 @@ def finish(
     if per_token:
         loss = out.loss.reshape(tokens.shape).astype(dtype)
     else:
-        loss = _psum(out.loss, data_axes)
+        loss = psum_over(out.loss, data_axes)
     if not return_aux:
         return loss
     aux = LinearCrossEntropyAux(

@@ -122,6 +122,17 @@ def choose(names: tuple[str, ...], explicit: bool, config, problem: Problem, tar
     raise NotImplementedError("No implementation could run: " + "; ".join(errors))
 
 
+def choose_for(
+    names: tuple[str, ...] | None, explicit: bool, config, problem: Problem, target: Target | None
+) -> Choice:
+    """The static choice for a target; an explicit name with an unseen target is
+    planned for the platform its backend is written for."""
+    if explicit:
+        return choose(names, True, config, problem, target or Target(_HOME.get(names[0], "cpu")))
+    target = target or Target("cpu")
+    return choose(names or order_for(target), False, config, problem, target)
+
+
 def dispatch(
     implementation, config, problem: Problem, run: Callable[[Choice], Any], *arrays
 ) -> tuple[Any, str]:
@@ -135,14 +146,10 @@ def dispatch(
     names, explicit = candidates(implementation)
     check_config(config, names)
     target = known_target(*arrays)
-    if explicit:  # one backend or an error; an unseen target is the backend's own platform
-        target = target or Target(_HOME.get(names[0], "cpu"))
-        choice = choose(names, True, config, problem, target)
+    if explicit or target is not None:
+        choice = choose_for(names, explicit, config, problem, target)
         return run(choice), choice.name
     order = order_for if names is None else (lambda _: names)
-    if target is not None:
-        choice = choose(order(target), False, config, problem, target)
-        return run(choice), choice.name
     choices = {}
     errors = {}
     for p in PLATFORMS:

@@ -108,6 +108,15 @@ def check_shift(x, shift: int) -> None:
         )
 
 
+def check_label_values(labels, valid, vocab_size: int, ignore_index: int | None) -> None:
+    """Eager calls: included labels outside ``[0, vocab_size)`` raise (under ``jit``
+    their loss is NaN instead). Across hosts only local shards are readable: skipped."""
+    if _checks.is_concrete(labels) and labels.is_fully_addressable:
+        _checks.check_labels_in_range(
+            "labels", labels, vocab_size, ignore_index=ignore_index, mask=valid
+        )
+
+
 class Tokens(NamedTuple):
     """Flattened, prepared tokens of one device."""
 
@@ -120,7 +129,7 @@ class Tokens(NamedTuple):
     shape: tuple[int, ...]  # the (shifted) token shape
 
 
-def _psum(v, axes: tuple[str, ...]):
+def psum_over(v, axes: tuple[str, ...]):
     # One axis at a time: a multi-axis psum rejects operands that vary over only some.
     for a in axes:
         v = jax.lax.psum(v, a)
@@ -158,10 +167,8 @@ def prepare_tokens(
     valid = jnp.ones_like(lab, dtype=bool) if where is None else where.reshape(-1)
     if ignore_index is not None:
         valid = valid & (lab != ignore_index)
-    if check_labels and _checks.is_concrete(lab) and lab.is_fully_addressable:
-        _checks.check_labels_in_range(
-            "labels", lab, vocab_size, ignore_index=ignore_index, mask=valid
-        )
+    if check_labels:
+        check_label_values(lab, valid, vocab_size, ignore_index)
     lab = lab.astype(jnp.int32)
     acc = _ce_math.acc_dtype(x.dtype)
     wts = (
@@ -170,11 +177,11 @@ def prepare_tokens(
         else jax.lax.stop_gradient(weights.reshape(-1).astype(acc))
     )
     wts = jnp.where(valid, wts, jnp.zeros((), acc))
-    weight_sum = _psum(jnp.sum(wts), data_axes)
+    weight_sum = psum_over(jnp.sum(wts), data_axes)
     if reduction == "mean":
         safe = jnp.where(weight_sum == 0, jnp.ones((), acc), weight_sum)
         coef = jnp.where(weight_sum == 0, jnp.zeros((), acc), wts / safe)
     else:
         coef = wts
-    num_tokens = _psum(jnp.sum(valid, dtype=jnp.int32), data_axes)
+    num_tokens = psum_over(jnp.sum(valid, dtype=jnp.int32), data_axes)
     return Tokens(x2, lab, valid, coef, jax.lax.stop_gradient(weight_sum), num_tokens, shape)

@@ -53,15 +53,16 @@ from fusedloss.heads._engine import (
     cdiv,
     cross_entropy_from_stats,
 )
-from fusedloss.heads._registry import candidates, check_config, choose, dispatch, order_for
-from fusedloss.heads._targets import Target, mesh_target
+from fusedloss.heads._registry import candidates, check_config, choose_for, dispatch
+from fusedloss.heads._targets import mesh_target
 from fusedloss.heads._tokens import (
     HeadArgs,
-    _psum,
     check_head_args,
+    check_label_values,
     check_options,
     check_shift,
     prepare_tokens,
+    psum_over,
 )
 from fusedloss.heads.transposed import Transposed
 
@@ -204,9 +205,9 @@ def _global_stats(x, w, bias, labels, valid, *, w_vd, hp, impl, vocab_size, mode
     # Global log-sum-exp: the shift m is a constant, the gradient flows through psum.
     m = _pmax(jax.lax.stop_gradient(local.lse), model)
     m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
-    lse = _ce_math.lse_finalize(m, _psum(jnp.exp(local.lse - m_safe), model))
-    label_logit = _psum(local.label_logit, model)
-    sum_logits = _psum(local.sum_logits, model) if hp.need_sum else local.sum_logits
+    lse = _ce_math.lse_finalize(m, psum_over(jnp.exp(local.lse - m_safe), model))
+    label_logit = psum_over(local.label_logit, model)
+    sum_logits = psum_over(local.sum_logits, model) if hp.need_sum else local.sum_logits
     # Argmax: the smallest global id reaching the global max (as jnp.argmax does).
     local_max = jax.lax.stop_gradient(local.max_logit)
     best = _pmax(local_max, model)
@@ -477,14 +478,12 @@ def explicit_split(args: HeadArgs):
 
 def _per_shard_name(args: HeadArgs, mesh, dp: int, tp: int, implementation, config) -> str:
     """The statistics core each device runs (static, for the aux outputs)."""
-    target = mesh_target(mesh) or Target("cpu")
     names, explicit = candidates(implementation)
     check_config(config, names)
     n_local = max(1, int(np.prod(args.x.shape[:-1])) // dp)
-    problem = Problem(
-        n_local, args.x.shape[-1], cdiv(args.vocab_size, tp), args.x.dtype, args.w_vd, True
-    )
-    return choose(names or order_for(target), explicit, config, problem, target).name
+    v_local = cdiv(args.vocab_size, tp)
+    problem = Problem(n_local, args.x.shape[-1], v_local, args.x.dtype, args.w_vd, True)
+    return choose_for(names, explicit, config, problem, mesh_target(mesh)).name
 
 
 def run_sharded(
@@ -524,17 +523,9 @@ def run_sharded(
     # The per-device core's choice (and the config's fit) is settled before tracing it.
     impl_name = _per_shard_name(args, mesh, dp, tp, implementation, config)
     v = args.vocab_size
-    # Eager calls check label values (not across hosts: only local shards are readable).
-    prepare_tokens(
-        x,
-        labels,
-        args.where,
-        None,
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction="sum",
-        vocab_size=v,
-    )
+    labels_s = labels[..., shift:]
+    valid = jnp.ones(labels_s.shape, bool) if args.where is None else args.where[..., shift:]
+    check_label_values(labels_s, valid, v, ignore_index)
     v_pad = cdiv(v, tp) * tp
     w, bias = args.w, args.bias
     # Tied embeddings travel as the [V, D] embedding, split by rows: no copy of w.

@@ -136,15 +136,19 @@ def plan(config: XlaConfig | None, problem: Problem, target: Target) -> XlaPlan:
         vc_acc = config.vocab_chunk or round_down((tn * v1) // max(d, 1), 128, 128)
         vc_acc = min(vc_acc, v1)
         # The statistics-only pass (no differentiation) uses recompute's blocks.
-        stats_tn = min(_balanced(n1, 4096, 8), n1)
-        vc = _balanced(v1, round_down(max(32 * 2**18, 64) // stats_tn, 128, 128), 32)
+        vc = _balanced(v1, round_down(32 * 2**18 // _stats_token_chunk(n1), 128, 128), 32)
         return XlaPlan(strategy, tn, min(vc, v1), vc_acc, problem.w_vd)
-    tn = min(config.token_chunk or _balanced(n1, 4096, 8), n1)
+    tn = min(config.token_chunk or _stats_token_chunk(n1), n1)
     # The backward's float32 [D, vc] dw accumulator stays within a quarter of the
     # materialized [N, V] logits (no regret at small N).
     largest = min(round_down(elems // tn, 128, 128), round_down(n1 * v1 // (4 * d), 128, 128))
     vc = config.vocab_chunk or _balanced(v1, largest, 32)
     return XlaPlan(strategy, tn, min(vc, v1), min(vc, v1), problem.w_vd)
+
+
+def _stats_token_chunk(n: int) -> int:
+    """Tokens per block of a statistics pass (vocabulary chunks inside)."""
+    return min(_balanced(n, 4096, 8), n)
 
 
 def _balanced(total: int, largest: int, align: int) -> int:
@@ -455,14 +459,10 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, plan: XlaPlan):
     # Without differentiation only the statistics are needed: one matmul per block.
-    n = x.shape[0]
-    stats = _forward(x, w, bias, labels, hp, plan._replace(tn=min(_balanced(n, 4096, 8), n)))
-    out = cross_entropy_from_stats(stats, labels, valid, coef, hp, stats_v(w, plan), False)
+    stats = _forward(x, w, bias, labels, hp, plan._replace(tn=_stats_token_chunk(x.shape[0])))
+    v = w.shape[0] if plan.w_vd else w.shape[1]
+    out = cross_entropy_from_stats(stats, labels, valid, coef, hp, v, False)
     return out.loss, out.lse, stats.argmax
-
-
-def stats_v(w, plan) -> int:
-    return w.shape[0] if plan.w_vd else w.shape[1]
 
 
 def _gif_fwd(x, w, bias, labels, valid, coef, hp, plan):
