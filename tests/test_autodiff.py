@@ -30,6 +30,7 @@ NOT_STANDARD = {
     "causal_lm_objective",
     "classification_objective",
     "linear_cross_entropy",
+    "linear_log_probs",
     "objectives",
     "sharded_linear_cross_entropy",
     "vocab_parallel_linear_cross_entropy",

@@ -42,6 +42,12 @@ def softcap(z: Array, cap: Array | float | None) -> Array:
     return cap * jnp.tanh(z / cap)
 
 
+def head_logits(z: Array, cap: float | None, temperature: float = 1.0) -> Array:
+    """The logits a head reduces: ``softcap(z) / temperature``."""
+    s = softcap(z, cap)
+    return s if temperature == 1.0 else s / temperature
+
+
 def softcap_grad(capped: Array, cap: Array | float | None) -> Array | float:
     """d softcap(z) / dz written in terms of the capped value (no tanh recomputed)."""
     if cap is None:
@@ -97,21 +103,30 @@ def stats_grad(
     *,
     cap: Array | float | None,
     include: Array | None = None,
+    temperature: float = 1.0,
+    g_expected: Array | None = None,
+    expected: Array | None = None,
 ) -> Array:
-    """Pulls cotangents of a token's (lse, label logit, logit sum) back to raw logits.
+    """Pulls cotangents of a token's statistics back to raw logits.
 
     ``d lse / d s = softmax(s)``, ``d s_y / d s = onehot(y)``, ``d sum(s) / d s = 1``,
-    then through the softcap. Shapes: ``capped``/``is_label``/``include``
-    ``[..., Vc]`` (a vocabulary chunk or all of it); ``lse`` and the three
-    cotangents ``[..., 1]``. ``include`` marks the classes taking part in the
-    normalizer and the logit sum (the label's own logit counts regardless).
+    and for the expected logit ``E = sum(softmax(s) * s)`` (given ``g_expected``
+    and ``E``): ``d E / d s = softmax(s) * (1 + s - E)``; then through
+    ``s = softcap(z) / temperature``. Shapes: ``capped``/``is_label``/``include``
+    ``[..., Vc]`` (a vocabulary chunk or all of it, the head's logits ``s``); ``lse``
+    and the cotangents ``[..., 1]``. ``include`` marks the classes taking part in
+    the normalizer and the logit sum (the label's own logit counts regardless).
     """
     p = jnp.exp(capped - lse)
     if include is not None:
         p = jnp.where(include, p, 0.0)
         g_sum = jnp.where(include, g_sum, 0.0)
     g = g_lse * p + jnp.where(is_label, g_label, 0.0) + g_sum
-    return g * softcap_grad(capped, cap)
+    if g_expected is not None:
+        g = g + g_expected * p * (1.0 + capped - expected)
+    if temperature == 1.0:
+        return g * softcap_grad(capped, cap)
+    return g * softcap_grad(capped * temperature, cap) / temperature
 
 
 def logit_grad(

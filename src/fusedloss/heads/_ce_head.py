@@ -62,7 +62,7 @@ def local_cross_entropy(
     """The cross-entropy of one device's tokens over the whole vocabulary ``w``."""
     n, d = tokens.x.shape
     v = w.shape[0] if w_vd else w.shape[1]
-    problem = Problem(max(n, 1), d, v, tokens.x.dtype, w_vd, per_token)
+    problem = Problem(max(n, 1), d, v, tokens.x.dtype, w_vd, per_token, hp)
 
     def run(choice: Choice) -> HeadOutput:
         if n == 0:  # nothing to stream: 0 / empty, and zero gradients

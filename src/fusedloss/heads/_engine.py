@@ -37,10 +37,17 @@ class Hyper(NamedTuple):
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float | None = None
+    temperature: float = 1.0  # the head's logits are softcap(z) / temperature
+    entropy: bool = False  # the expected logit E_p[s] is wanted (entropy, ...)
 
     @property
     def need_sum(self) -> bool:
         return self.label_smoothing != 0.0
+
+    @property
+    def plain_logits(self) -> bool:
+        """Only the cross-entropy statistics of ``softcap(z)`` are needed."""
+        return self.temperature == 1.0 and not self.entropy
 
 
 class TokenStats(NamedTuple):
@@ -51,6 +58,7 @@ class TokenStats(NamedTuple):
     sum_logits: jax.Array  # sum of the (softcapped) logits (0 unless smoothing)
     max_logit: jax.Array  # largest logit, for argmax / accuracy
     argmax: jax.Array  # int32 column of the largest logit (global id)
+    expected_logit: jax.Array | None = None  # E_softmax(s)[s] (only with hp.entropy)
 
 
 class Problem(NamedTuple):
@@ -62,6 +70,7 @@ class Problem(NamedTuple):
     dtype: Any  # x / w dtype
     w_vd: bool  # w is held as its [V, D] transpose (tied embeddings)
     needs_stats: bool  # the head needs the statistics (no loss fused with its gradient)
+    hp: Hyper = Hyper()  # what the statistics are of (temperature, expected logit, ...)
 
 
 class HeadOutput(NamedTuple):
@@ -127,11 +136,13 @@ def make_stats_core(forward, backward, name: str):
         local = labels.astype(jnp.int32) - offset
         stats = forward(x, w, bias, local, hp, plan)
         stats = stats._replace(argmax=stats.argmax + offset)
-        return stats, (x, w, bias, local, valid, stats.lse)
+        return stats, (x, w, bias, local, valid, stats.lse, stats.expected_logit)
 
     def bwd(hp, plan, res, ct):
-        x, w, bias, local, valid, lse = res
+        x, w, bias, local, valid, lse, expected = res
         cts = (ct.lse, ct.label_logit, ct.sum_logits)
+        if hp.entropy:
+            cts = (*cts, ct.expected_logit, expected)
         dx, dw, db = backward(x, w, bias, local, valid, lse, cts, hp, plan)
         return dx, dw, db, None, None, None
 

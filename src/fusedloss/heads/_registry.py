@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from fusedloss.heads import reference, xla
-from fusedloss.heads._engine import Problem
+from fusedloss.heads._engine import Problem, TokenStats
 from fusedloss.heads._targets import PLATFORMS, Target, known_target, platform_target
 
 
@@ -167,3 +168,22 @@ def dispatch(
     out = jax.lax.platform_dependent(default=functools.partial(run, default), **branches)
     label = ",".join(f"{p}={c.name}" for p, c in choices.items())
     return out, f"platform_dependent({label})"
+
+
+def run_stats(tokens, w, w_vd: bool, bias, hp, *, implementation, config):
+    """The statistics of one device's tokens over all of ``w``, with the core chosen
+    for the compilation target: ``(TokenStats, implementation name)``."""
+    n, d = tokens.x.shape
+    v = w.shape[0] if w_vd else w.shape[1]
+    problem = Problem(max(n, 1), d, v, tokens.x.dtype, w_vd, True, hp)
+
+    def run(choice: Choice):
+        if n == 0:  # nothing to stream: empty statistics, zero gradients
+            zeros = jnp.zeros((0,), tokens.coef.dtype)
+            ids = jnp.zeros((0,), jnp.int32)
+            return TokenStats(zeros, zeros, zeros, zeros, ids, zeros if hp.entropy else None)
+        with jax.named_scope(f"fusedloss_{choice.name}"):
+            args = (tokens.x, w, bias, tokens.labels, tokens.valid, jnp.int32(0))
+            return choice.backend.stats(*args, hp, choice.plan)
+
+    return dispatch(implementation, config, problem, run, tokens.x, w)

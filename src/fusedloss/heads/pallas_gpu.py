@@ -601,6 +601,11 @@ pallas_gpu_stats = make_stats_core(_forward, _backward, "pallas_gpu_stats")
 def plan(config: PallasGpuConfig | None, problem: Problem, target: Target) -> _Plan:
     """The kernels' plan, or ``NotImplementedError`` where they cannot run."""
     config = PallasGpuConfig() if config is None else config
+    if not problem.hp.plain_logits:
+        raise NotImplementedError(
+            "pallas_gpu computes the cross-entropy statistics of softcap(x @ w + bias); a "
+            "temperature or the expected logit (entropy) needs another implementation."
+        )
     if not config.interpret and target.platform != "gpu":
         raise NotImplementedError(
             f"pallas_gpu compiles for GPUs, not for {target.platform!r} "

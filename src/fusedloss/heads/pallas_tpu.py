@@ -461,6 +461,11 @@ pallas_tpu_stats = make_stats_core(_forward, _backward, "pallas_tpu_stats")
 def plan(config: PallasTpuConfig | None, problem: Problem, target: Target) -> _Plan:
     """The kernels' plan, or ``NotImplementedError`` where they cannot run."""
     config = PallasTpuConfig() if config is None else config
+    if not problem.hp.plain_logits:
+        raise NotImplementedError(
+            "pallas_tpu computes the cross-entropy statistics of softcap(x @ w + bias); a "
+            "temperature or the expected logit (entropy) needs another implementation."
+        )
     if config.interpret is False and target.platform != "tpu":
         raise NotImplementedError(
             f"pallas_tpu compiles for TPUs, not for {target.platform!r} "

@@ -37,7 +37,7 @@ def reference_stats_core(
         logits = jax.lax.dot_general(x, w, dims, preferred_element_type=dt)
         if bias is not None:
             logits = logits + bias.astype(dt)[None, :]
-        s = _ce_math.softcap(logits, hp.softcap)
+        s = _ce_math.head_logits(logits, hp.softcap, hp.temperature)
         lse = jax.nn.logsumexp(s, axis=-1)
         v = s.shape[1]
         cols = jnp.asarray(vocab_offset, jnp.int32) + jnp.arange(v, dtype=jnp.int32)
@@ -49,4 +49,5 @@ def reference_stats_core(
             sum_logits=sum_logits,
             max_logit=jnp.max(s, axis=-1),
             argmax=cols[0] + jnp.argmax(s, axis=-1).astype(jnp.int32),
+            expected_logit=jnp.sum(jax.nn.softmax(s, axis=-1) * s, axis=-1) if hp.entropy else None,
         )

@@ -138,7 +138,7 @@ def _pmin(v, axes: tuple[str, ...]):
     return v
 
 
-def _empty_stats(labels) -> TokenStats:
+def _empty_stats(labels, hp: Hyper) -> TokenStats:
     f32 = jnp.float32
     return TokenStats(
         lse=jnp.full_like(labels, -jnp.inf, dtype=f32),
@@ -146,6 +146,7 @@ def _empty_stats(labels) -> TokenStats:
         sum_logits=jnp.zeros_like(labels, dtype=f32),
         max_logit=jnp.full_like(labels, -jnp.inf, dtype=f32),
         argmax=jnp.zeros_like(labels, dtype=jnp.int32),
+        expected_logit=jnp.zeros_like(labels, dtype=f32) if hp.entropy else None,
     )
 
 
@@ -153,16 +154,16 @@ def _shard_stats(x, w, bias, labels, valid, offset, *, width, w_vd, hp, implemen
     """Statistics over the first ``width`` columns of the shard (the rest is padding),
     with the statistics core chosen for the mesh's chip; (stats, its name)."""
     if width == 0:
-        return _empty_stats(labels), "none"
+        return _empty_stats(labels, hp), "none"
     v_local = w.shape[0] if w_vd else w.shape[1]
     if width < v_local:
         w = w[:width] if w_vd else w[:, :width]
         bias = None if bias is None else bias[:width]
-    problem = Problem(max(x.shape[0], 1), x.shape[1], width, x.dtype, w_vd, True)
+    problem = Problem(max(x.shape[0], 1), x.shape[1], width, x.dtype, w_vd, True, hp)
 
     def run(choice):
         if x.shape[0] == 0:
-            return _empty_stats(labels)
+            return _empty_stats(labels, hp)
         with jax.named_scope(f"fusedloss_{choice.name}"):
             return choice.backend.stats(x, w, bias, labels, valid, offset, hp, choice.plan)
 
@@ -212,7 +213,12 @@ def _global_stats(x, w, bias, labels, valid, *, w_vd, hp, impl, vocab_size, mode
     local_max = jax.lax.stop_gradient(local.max_logit)
     best = _pmax(local_max, model)
     cand = jnp.where(local_max == best, local.argmax, jnp.iinfo(jnp.int32).max)
-    return TokenStats(lse, label_logit, sum_logits, best, _pmin(cand, model)), name
+    expected = local.expected_logit
+    if expected is not None:  # E_p[s] = sum over shards of (their softmax mass) * E_k
+        mass = jnp.where(jnp.isneginf(local.lse), 0.0, jnp.exp(local.lse - lse))
+        expected = psum_over(mass * jnp.where(mass > 0, expected, 0.0), model)
+    stats = TokenStats(lse, label_logit, sum_logits, best, _pmin(cand, model), expected)
+    return stats, name
 
 
 def _check_sharded_over(name: str, v, axes: tuple[str, ...], spec: str) -> None:
@@ -476,13 +482,15 @@ def explicit_split(args: HeadArgs):
     return (mesh_x if data else mesh_w), data, model
 
 
-def _per_shard_name(args: HeadArgs, mesh, dp: int, tp: int, implementation, config) -> str:
+def _per_shard_name(
+    args: HeadArgs, hp: Hyper, mesh, dp: int, tp: int, implementation, config
+) -> str:
     """The statistics core each device runs (static, for the aux outputs)."""
     names, explicit = candidates(implementation)
     check_config(config, names)
     n_local = max(1, int(np.prod(args.x.shape[:-1])) // dp)
     v_local = cdiv(args.vocab_size, tp)
-    problem = Problem(n_local, args.x.shape[-1], v_local, args.x.dtype, args.w_vd, True)
+    problem = Problem(n_local, args.x.shape[-1], v_local, args.x.dtype, args.w_vd, True, hp)
     return choose_for(names, explicit, config, problem, mesh_target(mesh)).name
 
 
@@ -521,7 +529,7 @@ def run_sharded(
             f"[B, T, D] (the batch axis is split, the shifted one is not), got {x.shape}."
         )
     # The per-device core's choice (and the config's fit) is settled before tracing it.
-    impl_name = _per_shard_name(args, mesh, dp, tp, implementation, config)
+    impl_name = _per_shard_name(args, hp, mesh, dp, tp, implementation, config)
     v = args.vocab_size
     labels_s = labels[..., shift:]
     valid = jnp.ones(labels_s.shape, bool) if args.where is None else args.where[..., shift:]

@@ -193,13 +193,13 @@ def _dw_product(x_blk, dl, va: int, dt):
     return jax.lax.dot_general(dl, x_blk, (((0,), (0,)), ((), ())), preferred_element_type=dt)
 
 
-def _block(x_blk, w_blk, b_blk, cap, va: int = 1):
-    """float32 softcapped logits of one block."""
+def _block(x_blk, w_blk, b_blk, hp: Hyper, va: int = 1):
+    """float32 head logits (softcapped, over the temperature) of one block."""
     dt = _ce_math.acc_dtype(x_blk.dtype)
     z = jax.lax.dot_general(x_blk, w_blk, (((1,), (1 - va,)), ((), ())), preferred_element_type=dt)
     if b_blk is not None:
         z = z + b_blk.astype(dt)[None, :]
-    return _ce_math.softcap(z, cap)
+    return _ce_math.head_logits(z, hp.softcap, hp.temperature)
 
 
 def _slice_bias(bias, start, size):
@@ -225,6 +225,7 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
         jnp.zeros_like(labels, dtype=f32),  # logit sum
         jnp.full_like(labels, -jnp.inf, dtype=f32),  # best logit
         jnp.zeros_like(labels, dtype=jnp.int32),  # its column
+        jnp.zeros_like(labels, dtype=f32),  # sum of exp(s - max) * s (expected logit)
     )
 
     def v_body(j, carry):
@@ -240,8 +241,8 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
             x_blk = jax.lax.dynamic_slice_in_dim(x, tstart, tn)
             lab = jax.lax.dynamic_slice_in_dim(labels, tstart, tn)
             old = [jax.lax.dynamic_slice_in_dim(c, tstart, tn) for c in carry]
-            m, l, lab_logit, ssum, best, arg = old
-            s = _block(x_blk, w_blk, b_blk, hp.softcap, va)
+            m, l, lab_logit, ssum, best, arg, ex = old
+            s = _block(x_blk, w_blk, b_blk, hp, va)
             s = jnp.where(col_new[None, :], s, -jnp.inf)
             bm = jnp.max(s, axis=1)
             m_new, l_new = _ce_math.lse_combine(
@@ -259,7 +260,12 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
             barg = jnp.argmax(s, axis=1).astype(jnp.int32) + vstart
             take = bm > best
             best, arg = jnp.maximum(best, bm), jnp.where(take, barg, arg)
-            new = (m_new, l_new, lab_logit, ssum, best, arg)
+            if hp.entropy:  # online, rescaled to the new running max like the sum
+                m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+                old_scale = jnp.where(jnp.isneginf(m), 0.0, jnp.exp(m - m_safe))
+                p_s = jnp.where(col_new[None, :], jnp.exp(s - m_safe[:, None]) * s, 0.0)
+                ex = ex * old_scale + jnp.sum(p_s, axis=1)
+            new = (m_new, l_new, lab_logit, ssum, best, arg, ex)
             return tuple(
                 jax.lax.dynamic_update_slice_in_dim(c, jnp.where(rows_new, nv_, ov), tstart, 0)
                 for c, nv_, ov in zip(carry, new, old, strict=True)
@@ -267,7 +273,7 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
 
         return jax.lax.fori_loop(0, nt, t_body, carry)
 
-    m, l, lab_logit, ssum, best, arg = jax.lax.fori_loop(0, nv, v_body, init)
+    m, l, lab_logit, ssum, best, arg, ex = jax.lax.fori_loop(0, nv, v_body, init)
     del valid
     return TokenStats(
         lse=_ce_math.lse_finalize(m, l),
@@ -275,11 +281,13 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
         sum_logits=ssum,
         max_logit=best,
         argmax=arg + jnp.asarray(vocab_offset, jnp.int32),
+        expected_logit=ex / l if hp.entropy else None,
     )
 
 
 def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, vc, va):
-    g_lse, g_lab, g_sum = (jnp.where(valid, c, 0.0) for c in cts)
+    g_lse, g_lab, g_sum, *rest = (jnp.where(valid, c, 0.0) for c in cts)
+    g_exp, expected = rest if hp.entropy else (None, None)
     n = x.shape[0]
     v = w.shape[va]
     nt, nv = cdiv(n, tn), cdiv(v, vc)
@@ -307,7 +315,7 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
             x_blk = jax.lax.dynamic_slice_in_dim(x, tstart, tn)
             x_blk = jnp.where(take_rows[:, None], x_blk, zero)
             sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=tstart, slice_size=tn)
-            s = _block(x_blk, w_blk, b_blk, hp.softcap, va)
+            s = _block(x_blk, w_blk, b_blk, hp, va)
             is_label = (sl(labels)[:, None] - vocab_offset) == cols[None, :]
             dl = _ce_math.stats_grad(
                 s,
@@ -317,6 +325,9 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
                 sl(g_lab)[:, None],
                 sl(g_sum)[:, None],
                 cap=hp.softcap,
+                temperature=hp.temperature,
+                g_expected=None if g_exp is None else sl(g_exp)[:, None],
+                expected=None if expected is None else sl(expected)[:, None],
             )
             dl = jnp.where(take_rows[:, None] & col_new[None, :], dl, 0.0)
             dl_c = dl.astype(x.dtype)
@@ -411,7 +422,7 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: 
         take = rows_new & val
         x_blk = jnp.where(take[:, None], sl(x), zero)
         lab = sl(labels)
-        s = _block(x_blk, w, b, hp.softcap, va)
+        s = _block(x_blk, w, b, hp, va)
         lse = jax.nn.logsumexp(s, axis=1)
         is_label = lab[:, None] == cols[None, :]
         # A gather (out-of-range labels of included tokens make the loss NaN later).
