@@ -9,6 +9,9 @@ are compared with that materialized model.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -251,6 +254,15 @@ def test_linen_train_step_temporaries_smaller_than_materialized(head):
         compiled = jax.jit(step).lower(params, opt.init(params)).compile()
         temps[name] = compiled.memory_analysis().temp_size_in_bytes
     assert_fused_step_holds_no_logits(temps, params, vocab, tokens.size)
+
+
+# ---- optional dependencies -------------------------------------------------------------
+
+
+def test_import_fusedloss_imports_neither_flax_nor_optax():
+    code = "import sys, fusedloss; print([m for m in ('flax', 'optax') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # ---- errors --------------------------------------------------------------------------
