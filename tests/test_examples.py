@@ -77,6 +77,34 @@ def test_train_lm_fused_and_materialized_agree(train_lm, tmp_path):
         assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_flax_nnx_lm_fused_and_materialized_agree(train_lm, tmp_path):
+    pytest.importorskip("flax")
+    example = load_example("flax_nnx_lm")
+    out = example.main(
+        [
+            "--steps", "6", "--batch-size", "8", "--seq-len", "64", "--d-model", "32",
+            "--layers", "1", "--heads", "2", "--vocab-size", "4096", "--lr", "1e-2",
+            "--warmup", "2", "--eval-every", "3", "--eval-batches", "2",
+            "--max-mbytes", "0.6", "--chunk-mib", "0.5", "--out", str(tmp_path), "--quiet",
+        ]
+    )  # fmt: skip
+    fused, mat = out["fused"], out["materialized"]
+    # Same initialization and batches: the runs agree to float32 rounding ...
+    assert out["max_train_diff"] < 1e-5 * fused["train_loss"][-1]
+    np.testing.assert_allclose(fused["final"]["loss"], mat["final"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(fused["final"]["accuracy"], mat["final"]["accuracy"], rtol=1e-5)
+    # ... and they learn, from ~log(V) at initialization.
+    assert fused["train_loss"][0] == pytest.approx(np.log(4096), rel=0.02)
+    assert fused["evals"][-1][1]["loss"] < fused["train_loss"][0] - 0.5
+    # 504 x 4096 float32 logits (7.9 MiB) are held by the materialized step only.
+    assert mat["temp_bytes"] > 504 * 4096 * 4
+    assert fused["temp_bytes"] < 0.5 * mat["temp_bytes"]
+    text = out["results_md"].read_text()
+    assert f"{fused['temp_bytes']:,}" in text and "final validation loss" in text
+    if out["png"] is not None:
+        assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_logistic_regression_lbfgs():
     example = load_example("logistic_regression")
     out = example.main(["--iters", "12", "--examples", "1200", "--quiet"])
