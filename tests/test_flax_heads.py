@@ -17,13 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
+from flax import nnx
 
-flax = pytest.importorskip("flax")
-from flax import linen as nn  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import fusedloss  # noqa: E402
-from fusedloss.flax_heads import head_weights  # noqa: E402
+import fusedloss
+from fusedloss.flax_heads import head_weights
 
 HEADS = ["linear_bias", "linear_no_bias", "tied"]
 
@@ -118,6 +116,31 @@ def test_nnx_loss_and_gradients(head):
         g = layer[name][...]
         assert g.shape == getattr(model.output_layer(), name).shape
         assert float(jnp.max(jnp.abs(g))) > 0
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_nnx_log_probs_and_entropy(head):
+    """The RL head takes the same (w, bias): log-probs and entropy at temperature 0.7."""
+    model = NnxLM(300, 24, head)
+    tokens, labels = batch(300)
+    ct = jnp.asarray(np.random.default_rng(4).normal(size=labels.shape), jnp.float32)
+
+    def fused(model):
+        w, bias = head_weights(model.output_layer())
+        logp, ent = fusedloss.linear_log_probs(
+            model.features(tokens), w, labels, bias=bias, temperature=0.7, return_entropy=True
+        )
+        return jnp.sum(logp * ct) + jnp.sum(ent)
+
+    def materialized(model):
+        logq = jax.nn.log_softmax(model.logits(tokens) / 0.7)
+        logp = jnp.take_along_axis(logq, labels[..., None], axis=-1)[..., 0]
+        return jnp.sum(logp * ct) - jnp.sum(jnp.exp(logq) * logq)
+
+    loss, grads = nnx.value_and_grad(fused)(model)
+    ref_loss, ref_grads = nnx.value_and_grad(materialized)(model)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert_trees_close(grads, ref_grads, rtol=2e-5)
 
 
 @pytest.mark.parametrize("head", HEADS)
