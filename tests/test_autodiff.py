@@ -31,6 +31,7 @@ NOT_STANDARD = {
     "classification_objective",
     "linear_cross_entropy",
     "linear_log_probs",
+    "linear_topk_distillation_loss",
     "objectives",
     "sharded_linear_cross_entropy",
     "vocab_parallel_linear_cross_entropy",

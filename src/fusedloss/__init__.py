@@ -27,6 +27,9 @@ from fusedloss.divergences import kl_divergence as kl_divergence
 from fusedloss.divergences import kl_divergence_with_log_targets as kl_divergence_with_log_targets
 from fusedloss.heads._ce_head import LinearCrossEntropyAux as LinearCrossEntropyAux
 from fusedloss.heads.cross_entropy import linear_cross_entropy as linear_cross_entropy
+from fusedloss.heads.distillation import (
+    linear_topk_distillation_loss as linear_topk_distillation_loss,
+)
 from fusedloss.heads.log_probs import linear_log_probs as linear_log_probs
 from fusedloss.heads.pallas_gpu import PallasGpuConfig as PallasGpuConfig
 from fusedloss.heads.pallas_tpu import PallasTpuConfig as PallasTpuConfig
@@ -77,6 +80,7 @@ __all__ = [
     "l2_regularization",
     "linear_cross_entropy",
     "linear_log_probs",
+    "linear_topk_distillation_loss",
     "log_cosh",
     "multiclass_hinge_loss",
     "multiclass_perceptron_loss",

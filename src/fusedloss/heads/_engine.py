@@ -39,6 +39,7 @@ class Hyper(NamedTuple):
     softcap: float | None = None
     temperature: float = 1.0  # the head's logits are softcap(z) / temperature
     entropy: bool = False  # the expected logit E_p[s] is wanted (entropy, ...)
+    picked: int = 0  # K > 0: the labels are [N, K] ids, each one's logit is wanted
 
     @property
     def need_sum(self) -> bool:
@@ -47,14 +48,14 @@ class Hyper(NamedTuple):
     @property
     def plain_logits(self) -> bool:
         """Only the cross-entropy statistics of ``softcap(z)`` are needed."""
-        return self.temperature == 1.0 and not self.entropy
+        return self.temperature == 1.0 and not self.entropy and self.picked == 0
 
 
 class TokenStats(NamedTuple):
     """Per-token float32 statistics over the (local) vocabulary."""
 
     lse: jax.Array  # log-sum-exp of the (softcapped) logits
-    label_logit: jax.Array  # the label's (softcapped) logit, 0 if the label is not here
+    label_logit: jax.Array  # the label's logit ([N, K]: each id's), 0 if not in this vocabulary
     sum_logits: jax.Array  # sum of the (softcapped) logits (0 unless smoothing)
     max_logit: jax.Array  # largest logit, for argmax / accuracy
     argmax: jax.Array  # int32 column of the largest logit (global id)

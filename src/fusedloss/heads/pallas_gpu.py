@@ -604,7 +604,8 @@ def plan(config: PallasGpuConfig | None, problem: Problem, target: Target) -> _P
     if not problem.hp.plain_logits:
         raise NotImplementedError(
             "pallas_gpu computes the cross-entropy statistics of softcap(x @ w + bias); a "
-            "temperature or the expected logit (entropy) needs another implementation."
+            "temperature, the expected logit (entropy) or K logits per token need another "
+            "implementation."
         )
     if not config.interpret and target.platform != "gpu":
         raise NotImplementedError(

@@ -464,7 +464,8 @@ def plan(config: PallasTpuConfig | None, problem: Problem, target: Target) -> _P
     if not problem.hp.plain_logits:
         raise NotImplementedError(
             "pallas_tpu computes the cross-entropy statistics of softcap(x @ w + bias); a "
-            "temperature or the expected logit (entropy) needs another implementation."
+            "temperature, the expected logit (entropy) or K logits per token need another "
+            "implementation."
         )
     if config.interpret is False and target.platform != "tpu":
         raise NotImplementedError(

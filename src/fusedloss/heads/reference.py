@@ -41,7 +41,13 @@ def reference_stats_core(
         lse = jax.nn.logsumexp(s, axis=-1)
         v = s.shape[1]
         cols = jnp.asarray(vocab_offset, jnp.int32) + jnp.arange(v, dtype=jnp.int32)
-        label_logit = jnp.sum(jnp.where(labels[:, None] == cols[None, :], s, 0.0), axis=-1)
+        if labels.ndim == 1:
+            label_logit = jnp.sum(jnp.where(labels[:, None] == cols[None, :], s, 0.0), axis=-1)
+        else:  # [N, K] ids: each one's logit (0 for ids outside this vocabulary)
+            local = labels - cols[0]
+            inside = (local >= 0) & (local < v)
+            picked = jnp.take_along_axis(s, jnp.clip(local, 0, v - 1), axis=1)
+            label_logit = jnp.where(inside, picked, 0.0)
         sum_logits = jnp.sum(s, axis=-1) if hp.need_sum else jnp.zeros_like(lse)
         return TokenStats(
             lse=lse,

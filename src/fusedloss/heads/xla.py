@@ -218,14 +218,16 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
     f32 = _ce_math.acc_dtype(x.dtype)
     # Carries are built "like" the operands so that they carry the operands' varying
     # mesh axes inside shard_map(check_vma=True) and their sharding under Explicit axes.
+    # ``labels`` is [N], or [N, K] ids whose logits are all wanted (``hp.picked``).
+    rows = labels if labels.ndim == 1 else labels[:, 0]
     init = (
-        jnp.full_like(labels, -jnp.inf, dtype=f32),  # running max
-        jnp.zeros_like(labels, dtype=f32),  # running sum of exp(s - max)
-        jnp.zeros_like(labels, dtype=f32),  # label logit
-        jnp.zeros_like(labels, dtype=f32),  # logit sum
-        jnp.full_like(labels, -jnp.inf, dtype=f32),  # best logit
-        jnp.zeros_like(labels, dtype=jnp.int32),  # its column
-        jnp.zeros_like(labels, dtype=f32),  # sum of exp(s - max) * s (expected logit)
+        jnp.full_like(rows, -jnp.inf, dtype=f32),  # running max
+        jnp.zeros_like(rows, dtype=f32),  # running sum of exp(s - max)
+        jnp.zeros_like(labels, dtype=f32),  # label logit(s)
+        jnp.zeros_like(rows, dtype=f32),  # logit sum
+        jnp.full_like(rows, -jnp.inf, dtype=f32),  # best logit
+        jnp.zeros_like(rows, dtype=jnp.int32),  # its column
+        jnp.zeros_like(rows, dtype=f32),  # sum of exp(s - max) * s (expected logit)
     )
 
     def v_body(j, carry):
@@ -253,7 +255,8 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
             here = (local >= 0) & (local < vc)
             local = jnp.clip(local, 0, vc - 1)
             here = here & col_new[local]
-            picked = jnp.take_along_axis(s, local[:, None], axis=1)[:, 0]
+            idx = local if local.ndim == 2 else local[:, None]
+            picked = jnp.take_along_axis(s, idx, axis=1).reshape(local.shape)
             lab_logit = lab_logit + jnp.where(here, picked, 0.0)
             if hp.need_sum:
                 ssum = ssum + jnp.sum(jnp.where(col_new[None, :], s, 0.0), axis=1)
@@ -267,7 +270,9 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
                 ex = ex * old_scale + jnp.sum(p_s, axis=1)
             new = (m_new, l_new, lab_logit, ssum, best, arg, ex)
             return tuple(
-                jax.lax.dynamic_update_slice_in_dim(c, jnp.where(rows_new, nv_, ov), tstart, 0)
+                jax.lax.dynamic_update_slice_in_dim(
+                    c, jnp.where(rows_new.reshape((tn,) + (1,) * (c.ndim - 1)), nv_, ov), tstart, 0
+                )
                 for c, nv_, ov in zip(carry, new, old, strict=True)
             )
 
@@ -286,7 +291,8 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
 
 
 def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, vc, va):
-    g_lse, g_lab, g_sum, *rest = (jnp.where(valid, c, 0.0) for c in cts)
+    mask = lambda c: jnp.where(valid.reshape(valid.shape + (1,) * (c.ndim - 1)), c, 0.0)
+    g_lse, g_lab, g_sum, *rest = (mask(c) for c in cts)
     g_exp, expected = rest if hp.entropy else (None, None)
     n = x.shape[0]
     v = w.shape[va]
@@ -316,13 +322,20 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
             x_blk = jnp.where(take_rows[:, None], x_blk, zero)
             sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=tstart, slice_size=tn)
             s = _block(x_blk, w_blk, b_blk, hp, va)
-            is_label = (sl(labels)[:, None] - vocab_offset) == cols[None, :]
+            lab = sl(labels) - vocab_offset
+            if lab.ndim == 1:
+                is_label, g_label = lab[:, None] == cols[None, :], sl(g_lab)[:, None]
+            else:  # [tn, K] ids: their cotangents scattered into the block
+                local = jnp.where((lab >= vstart) & (lab < vstart + vc), lab - vstart, vc)
+                rows = jnp.broadcast_to(jnp.arange(tn, dtype=lab.dtype)[:, None], lab.shape)
+                g_label = jnp.zeros((tn, vc), f32).at[rows, local].add(sl(g_lab), mode="drop")
+                is_label = True
             dl = _ce_math.stats_grad(
                 s,
                 sl(lse)[:, None],
                 is_label,
                 sl(g_lse)[:, None],
-                sl(g_lab)[:, None],
+                g_label,
                 sl(g_sum)[:, None],
                 cap=hp.softcap,
                 temperature=hp.temperature,
