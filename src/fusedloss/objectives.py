@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from fusedloss import _ce_math, _checks
 from fusedloss._softmax_ce import softmax_cross_entropy_with_integer_labels
 from fusedloss.heads.cross_entropy import linear_cross_entropy
+from fusedloss.heads.transposed import Transposed
 
 Params = Any
 Batch = Mapping[str, Any]
@@ -210,9 +211,10 @@ def _token_weights(
     weights: jax.Array | None,
     labels: jax.Array,
     ignore_index: int | None,
+    dtype: Any = jnp.float32,
 ) -> jax.Array:
-    """float32 weight of every token in the reduction, 0 where excluded."""
-    w = jnp.ones(shape, jnp.float32) if weights is None else _sg(weights).astype(jnp.float32)
+    """Weight of every token in the reduction (``dtype``), 0 where excluded."""
+    w = jnp.ones(shape, dtype) if weights is None else _sg(weights).astype(dtype)
     if mask is not None:
         w = jnp.where(mask, w, 0.0)
     if ignore_index is not None:
@@ -356,6 +358,8 @@ def causal_lm_objective(
             None if weights is None else weights[..., 1:],
             labels,
             ignore_index,
+            # The accumulation dtype of the per-token statistics they multiply.
+            _ce_math.acc_dtype(hidden.dtype),
         )
         # Excluded tokens (padding) may carry any hidden state: never read their lse.
         lse = jnp.where(tw != 0, lce.lse, 0.0)
@@ -368,7 +372,10 @@ def causal_lm_objective(
             # Smoothing mixes in every logit; the nll needs the label's own logit,
             # one [tokens, D] gather and a row-wise dot (no [tokens, V] buffer).
             safe = jnp.where(tw != 0, labels, 0)
-            cols = jnp.moveaxis(jnp.take(_sg(kernel), safe, axis=1), 0, -1)
+            if isinstance(kernel, Transposed):  # rows of the stored [V, D] embedding
+                cols = jnp.take(_sg(kernel.array), safe, axis=0)
+            else:
+                cols = jnp.moveaxis(jnp.take(_sg(kernel), safe, axis=1), 0, -1)
             acc = _ce_math.acc_dtype(hidden.dtype)
             logit = jnp.sum(_sg(hidden[..., :-1, :]).astype(acc) * cols.astype(acc), axis=-1)
             if bias is not None:

@@ -138,15 +138,17 @@ def _pmin(v, axes: tuple[str, ...]):
     return v
 
 
-def _empty_stats(labels, hp: Hyper) -> TokenStats:
-    f32 = jnp.float32
+def _empty_stats(labels, dtype, hp: Hyper) -> TokenStats:
+    # In the cores' accumulation dtype (float64 for float64 inputs), so that a shard
+    # without columns or tokens meets the other shards' statistics without promotion.
+    acc = _ce_math.acc_dtype(dtype)
     return TokenStats(
-        lse=jnp.full_like(labels, -jnp.inf, dtype=f32),
-        label_logit=jnp.zeros_like(labels, dtype=f32),
-        sum_logits=jnp.zeros_like(labels, dtype=f32),
-        max_logit=jnp.full_like(labels, -jnp.inf, dtype=f32),
+        lse=jnp.full_like(labels, -jnp.inf, dtype=acc),
+        label_logit=jnp.zeros_like(labels, dtype=acc),
+        sum_logits=jnp.zeros_like(labels, dtype=acc),
+        max_logit=jnp.full_like(labels, -jnp.inf, dtype=acc),
         argmax=jnp.zeros_like(labels, dtype=jnp.int32),
-        expected_logit=jnp.zeros_like(labels, dtype=f32) if hp.entropy else None,
+        expected_logit=jnp.zeros_like(labels, dtype=acc) if hp.entropy else None,
     )
 
 
@@ -154,7 +156,7 @@ def _shard_stats(x, w, bias, labels, valid, offset, *, width, w_vd, hp, implemen
     """Statistics over the first ``width`` columns of the shard (the rest is padding),
     with the statistics core chosen for the mesh's chip; (stats, its name)."""
     if width == 0:
-        return _empty_stats(labels, hp), "none"
+        return _empty_stats(labels, x.dtype, hp), "none"
     v_local = w.shape[0] if w_vd else w.shape[1]
     if width < v_local:
         w = w[:width] if w_vd else w[:, :width]
@@ -163,7 +165,7 @@ def _shard_stats(x, w, bias, labels, valid, offset, *, width, w_vd, hp, implemen
 
     def run(choice):
         if x.shape[0] == 0:
-            return _empty_stats(labels, hp)
+            return _empty_stats(labels, x.dtype, hp)
         with jax.named_scope(f"fusedloss_{choice.name}"):
             return choice.backend.stats(x, w, bias, labels, valid, offset, hp, choice.plan)
 
@@ -550,6 +552,12 @@ def run_sharded(
     # unsharded types as on a multi-device mesh.
     split_data = tuple(a for a in data if mesh.shape[a] > 1)
     split_model = tuple(a for a in model if mesh.shape[a] > 1)
+    if not np.prod((*labels.shape[:-1], labels.shape[-1] - shift) if shift else labels.shape):
+        # No tokens at all (x of shape [B, 0, D], or nothing left after the shift):
+        # the loss is 0 (or empty) and nothing needs splitting. It runs unsplit: a
+        # zero-sized output of the shard_map would come back with shards sized like
+        # the whole array.
+        data = model = split_data = split_model = ()
     idle = () if split_data or split_model else data + model
     tok, col = _spec_axis(split_data + idle), _spec_axis(split_model + idle)
     arrays = {"x": x, "w": w, "labels": labels}
