@@ -138,7 +138,7 @@ def _pmin(v, axes: tuple[str, ...]):
     return v
 
 
-def _empty_stats(labels, dtype, hp: Hyper) -> TokenStats:
+def _empty_stats(labels, dtype) -> TokenStats:
     # In the cores' accumulation dtype (float64 for float64 inputs), so that a shard
     # without columns or tokens meets the other shards' statistics without promotion.
     acc = _ce_math.acc_dtype(dtype)
@@ -148,7 +148,6 @@ def _empty_stats(labels, dtype, hp: Hyper) -> TokenStats:
         sum_logits=jnp.zeros_like(labels, dtype=acc),
         max_logit=jnp.full_like(labels, -jnp.inf, dtype=acc),
         argmax=jnp.zeros_like(labels, dtype=jnp.int32),
-        expected_logit=jnp.zeros_like(labels, dtype=acc) if hp.entropy else None,
     )
 
 
@@ -156,7 +155,7 @@ def _shard_stats(x, w, bias, labels, valid, offset, *, width, w_vd, hp, implemen
     """Statistics over the first ``width`` columns of the shard (the rest is padding),
     with the statistics core chosen for the mesh's chip; (stats, its name)."""
     if width == 0:
-        return _empty_stats(labels, x.dtype, hp), "none"
+        return _empty_stats(labels, x.dtype), "none"
     v_local = w.shape[0] if w_vd else w.shape[1]
     if width < v_local:
         w = w[:width] if w_vd else w[:, :width]
@@ -165,7 +164,7 @@ def _shard_stats(x, w, bias, labels, valid, offset, *, width, w_vd, hp, implemen
 
     def run(choice):
         if x.shape[0] == 0:
-            return _empty_stats(labels, x.dtype, hp)
+            return _empty_stats(labels, x.dtype)
         with jax.named_scope(f"fusedloss_{choice.name}"):
             return choice.backend.stats(x, w, bias, labels, valid, offset, hp, choice.plan)
 
@@ -215,12 +214,7 @@ def _global_stats(x, w, bias, labels, valid, *, w_vd, hp, impl, vocab_size, mode
     local_max = jax.lax.stop_gradient(local.max_logit)
     best = _pmax(local_max, model)
     cand = jnp.where(local_max == best, local.argmax, jnp.iinfo(jnp.int32).max)
-    expected = local.expected_logit
-    if expected is not None:  # E_p[s] = sum over shards of (their softmax mass) * E_k
-        mass = jnp.where(jnp.isneginf(local.lse), 0.0, jnp.exp(local.lse - lse))
-        expected = psum_over(mass * jnp.where(mass > 0, expected, 0.0), model)
-    stats = TokenStats(lse, label_logit, sum_logits, best, _pmin(cand, model), expected)
-    return stats, name
+    return TokenStats(lse, label_logit, sum_logits, best, _pmin(cand, model)), name
 
 
 def _check_sharded_over(name: str, v, axes: tuple[str, ...], spec: str) -> None:
