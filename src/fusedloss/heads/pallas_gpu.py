@@ -103,7 +103,10 @@ class PallasGpuConfig:
         default: enough programs to fill the GPU with few enough token tiles
         resident that their ``x`` rows stay in L2.
       chunk_bytes: bytes of the per-chunk backward buffer, the ``[N, chunk]``
-        logits gradient in the input dtype.
+        logits gradient in the input dtype. Default 48 MiB (3072 columns at N = 8192
+        in bf16): with the float32 ``[D, chunk]`` product of ``dw`` and the float32
+        ``dx`` it keeps the backward's temporaries at Llama-3-8B's head under
+        256 MiB, while each chunk's GEMMs stay large.
       group_tokens: token tiles per program group of the backward kernel
         (L2 reuse, as ``GROUP_M`` in Triton's matmul tutorial).
       interpret: run the kernels in Pallas interpret mode (any backend, slow);
@@ -116,7 +119,7 @@ class PallasGpuConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     vocab_splits: int | None = None
-    chunk_bytes: int = 256 * 2**20
+    chunk_bytes: int = 48 * 2**20
     group_tokens: int = 8
     interpret: bool = False
 
