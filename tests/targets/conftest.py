@@ -19,6 +19,7 @@ def pytest_configure(config):
         fd, path = tempfile.mkstemp(prefix="fusedloss-targets-", suffix=".jsonl")
         os.close(fd)
         os.environ["FUSEDLOSS_TARGETS_LOG"] = path
+        config.add_cleanup(lambda: os.remove(path))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -16,17 +16,20 @@ installed jax version and ``JAX_PLATFORMS=cpu``: ``make test`` creates
 to import: it never skips.
 """
 
+import atexit
 import functools
 import importlib.util
 import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import tempfile
 import time
 
 _DUMP = tempfile.mkdtemp(prefix="fusedloss-targets-")
+atexit.register(shutil.rmtree, _DUMP, ignore_errors=True)
 # The PTX of the kernels compiled for the GPU targets (only programs named ptx_*).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP} --xla_dump_hlo_module_re=^jit_ptx_"
