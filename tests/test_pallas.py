@@ -199,6 +199,24 @@ def test_config_validation():
         fusedloss.linear_cross_entropy(x, w, labels, implementation="pallas_gpu", config=TPU)
 
 
+@pytest.mark.parametrize(
+    "kind, vmem",
+    [("TPU v4", 16), ("TPU v5 lite", 128), ("TPU v5", 64), ("TPU v6 lite", 128), (None, 16)],
+)
+def test_tpu_tiles_fit_the_chips_vmem(kind, vmem):
+    # Llama-3-8B's head in bf16. The estimate may use 3/4 of the chip's VMEM (48 MiB
+    # at most); a chip tracing cannot see gets v4's 16 MiB, the smallest. That these
+    # tiles compile on each chip is proven by tests/targets (compile-only TPUs).
+    plan = _plan(PallasTpuConfig(), 8192, 4096, 128256, jnp.bfloat16, Target("tpu", kind))
+    est = pallas_tpu._vmem_estimate(plan.bt, plan.bv, 4096, 2)
+    assert est <= min(48, vmem * 3 // 4) * 2**20
+    assert est <= plan.vmem_limit_bytes <= vmem * 2**20
+    # The largest tiles that fit: doubling either would not.
+    assert pallas_tpu._vmem_estimate(plan.bt, 2 * plan.bv, 4096, 2) > min(48, vmem * 3 // 4) * 2**20
+    if vmem >= 64:
+        assert (plan.bt, plan.bv) == (256, 512)
+
+
 # --------------------------------------------------------------------------------------
 # the statistics core: custom VJP vs autodiff of the materialized reference
 # --------------------------------------------------------------------------------------

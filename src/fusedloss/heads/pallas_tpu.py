@@ -56,7 +56,28 @@ from fusedloss.heads._targets import Target
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+# VMEM per TensorCore by chip (``device_kind``, lower case; the more specific name
+# first). A chip not named here, or a program whose chip tracing cannot see, gets the
+# smallest (v4's), so that its tiles compile on every supported chip.
+_VMEM_BYTES = (
+    ("v6 lite", 128 * 2**20),  # v6e
+    ("v6e", 128 * 2**20),
+    ("v5 lite", 128 * 2**20),  # v5e
+    ("v5e", 128 * 2**20),
+    ("v5", 64 * 2**20),  # v5p
+    ("v4", 16 * 2**20),
+)
+_MIN_VMEM = 16 * 2**20
+# The tiles' estimate may use this share of VMEM (the rest: Mosaic's own scratch and
+# the estimate's slack), and never more than 48 MiB, beyond which tiles gain nothing.
 _VMEM_BUDGET = 48 * 2**20
+
+
+def _vmem_bytes(target: Target | None) -> int:
+    kind = ((target and target.device_kind) or "").lower()
+    if target is None or target.platform != "tpu" or not kind:
+        return _MIN_VMEM
+    return next((size for name, size in _VMEM_BYTES if name in kind), _MIN_VMEM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +88,12 @@ class PallasTpuConfig:
       block_tokens: rows per tile; on a TPU a multiple of 8 (16 for 16-bit inputs)
         or all tokens. Default: 256, or all tokens if fewer.
       block_vocab: columns per tile; on a TPU a multiple of 128 or the whole
-        vocabulary. Default: 512 (256 for ``D`` > 4096), shrunk until the kernels'
-        VMEM estimate fits 48 MiB.
-      vmem_limit_bytes: Mosaic's scoped-VMEM limit (default: from the estimate).
+        vocabulary. Default: 512 (256 for ``D`` > 4096), shrunk (then
+        ``block_tokens``) until the kernels' VMEM estimate fits three quarters of
+        the chip's VMEM (at most 48 MiB): 16 MiB on v4 and on a chip tracing cannot
+        see, 64 MiB on v5p, 128 MiB on v5e and v6e.
+      vmem_limit_bytes: Mosaic's scoped-VMEM limit (default: from the estimate,
+        at most the chip's VMEM).
       interpret: False, True (Pallas' generic interpreter, any backend) or a
         ``jax.experimental.pallas.tpu.InterpretParams`` (the TPU interpreter).
     """
@@ -90,16 +114,19 @@ class PallasTpuConfig:
                 f"got {self.interpret!r}."
             )
 
-    def resolve(self, n: int, d: int, v: int, dtype: Any) -> _Plan:
-        """Concrete tile sizes for an ``[n, d] @ [d, v]`` problem."""
+    def resolve(self, n: int, d: int, v: int, dtype: Any, target: Target | None = None) -> _Plan:
+        """Concrete tile sizes for an ``[n, d] @ [d, v]`` problem compiled for
+        ``target`` (None or an unknown chip: tiles that fit every supported chip)."""
         itemsize = jnp.dtype(dtype).itemsize
+        vmem = _vmem_bytes(target)
+        budget = min(_VMEM_BUDGET, vmem * 3 // 4)
         bt = self.block_tokens or 256
         bv = self.block_vocab or (512 if d <= 4096 else 256)
         if self.block_vocab is None:
-            while bv > 128 and _vmem_estimate(bt, bv, d, itemsize) > _VMEM_BUDGET:
+            while bv > 128 and _vmem_estimate(bt, bv, d, itemsize) > budget:
                 bv //= 2
         if self.block_tokens is None:
-            while bt > 16 and _vmem_estimate(bt, bv, d, itemsize) > _VMEM_BUDGET:
+            while bt > 16 and _vmem_estimate(bt, bv, d, itemsize) > budget:
                 bt //= 2
         # A block covering the whole axis is always a legal block shape.
         bt, bv = min(bt, n), min(bv, v)
@@ -116,7 +143,7 @@ class PallasTpuConfig:
                     f"vocabulary size), got {bv}."
                 )
         est = _vmem_estimate(bt, bv, d, itemsize)
-        limit = self.vmem_limit_bytes or min(max(32 * 2**20, est + est // 2), 100 * 2**20)
+        limit = self.vmem_limit_bytes or min(max(32 * 2**20, est + est // 2), 100 * 2**20, vmem)
         return _Plan(bt=bt, bv=bv, vmem_limit_bytes=limit, interpret=self.interpret)
 
 
@@ -129,9 +156,18 @@ class _Plan(NamedTuple):
 
 
 def _vmem_estimate(bt: int, bv: int, d: int, itemsize: int) -> int:
-    """VMEM bytes of the largest kernel (dw): double-buffered x, w and dw blocks,
-    the float32 ``[bv, D]`` accumulator and a few float32 logits-sized temporaries."""
-    return 2 * itemsize * (bt * d + 2 * d * bv) + 4 * bv * d + 4 * 4 * bt * bv
+    """VMEM bytes of the larger backward kernel (the forward needs less).
+
+    Both hold double-buffered ``x`` and ``w`` blocks, six double-buffered ``[bt, 1]``
+    per-row blocks (each padded to 128 lanes of 4 bytes) and a few float32
+    logits-sized temporaries; ``dx`` adds its double-buffered output block and a
+    float32 ``[bt, D]`` accumulator, ``dw`` its output block and a float32
+    ``[bv, D]`` accumulator.
+    """
+    common = 2 * itemsize * (bt * d + d * bv) + 2 * 6 * bt * 128 * 4 + 4 * 4 * bt * bv
+    dx = 2 * itemsize * bt * d + 4 * bt * d
+    dw = 2 * itemsize * d * bv + 4 * bv * d
+    return common + max(dx, dw)
 
 
 # --------------------------------------------------------------------------------------
@@ -476,5 +512,5 @@ def plan(config: PallasTpuConfig | None, problem: Problem, target: Target) -> _P
         raise NotImplementedError(
             f"pallas_tpu supports {_SUPPORTED_DTYPES} inputs, got {jnp.dtype(problem.dtype).name}."
         )
-    p = config.resolve(problem.n, problem.d, problem.v, problem.dtype)
+    p = config.resolve(problem.n, problem.d, problem.v, problem.dtype, target)
     return p._replace(w_vd=problem.w_vd)
