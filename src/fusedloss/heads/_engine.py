@@ -116,6 +116,32 @@ def round_down(value: int, multiple: int, minimum: int) -> int:
     return max(minimum, (value // multiple) * multiple)
 
 
+_KERNEL_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def require_kernel_support(name: str, platform: str, interpreted: bool, problem, target) -> None:
+    """What every Pallas kernel's plan checks: plain cross-entropy statistics, its own
+    platform (unless interpreted) and a dtype the kernels take; ``NotImplementedError``
+    otherwise, so that ``implementation=None`` falls back."""
+    if not problem.hp.plain_logits:
+        raise NotImplementedError(
+            f"{name} computes the cross-entropy statistics of softcap(x @ w + bias); a "
+            "temperature, the expected logit (entropy) or K logits per token need another "
+            "implementation."
+        )
+    if interpreted:
+        return
+    config = "PallasGpuConfig" if platform == "gpu" else "PallasTpuConfig"
+    if target.platform != platform:
+        raise NotImplementedError(
+            f"{name} compiles for {platform.upper()}s, not for {target.platform!r} "
+            f"(use {config}(interpret=True) to interpret the kernels)."
+        )
+    dtype = jnp.dtype(problem.dtype).name
+    if dtype not in _KERNEL_DTYPES:
+        raise NotImplementedError(f"{name} supports {_KERNEL_DTYPES} inputs, got {dtype}.")
+
+
 def make_stats_core(forward, backward, name: str):
     """A differentiable stats core from a forward and a backward pass.
 

@@ -68,13 +68,13 @@ from fusedloss.heads._engine import (
     TokenStats,
     cdiv,
     make_stats_core,
+    require_kernel_support,
 )
 from fusedloss.heads._targets import Target
 
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 # Resident token tiles' x rows the forward tries to keep in L2 (H100: 50 MiB).
 _L2_X_BYTES = 24 * 2**20
 
@@ -605,20 +605,6 @@ pallas_gpu_stats = make_stats_core(_forward, _backward, "pallas_gpu_stats")
 def plan(config: PallasGpuConfig | None, problem: Problem, target: Target) -> _Plan:
     """The kernels' plan, or ``NotImplementedError`` where they cannot run."""
     config = PallasGpuConfig() if config is None else config
-    if not problem.hp.plain_logits:
-        raise NotImplementedError(
-            "pallas_gpu computes the cross-entropy statistics of softcap(x @ w + bias); a "
-            "temperature, the expected logit (entropy) or K logits per token need another "
-            "implementation."
-        )
-    if not config.interpret and target.platform != "gpu":
-        raise NotImplementedError(
-            f"pallas_gpu compiles for GPUs, not for {target.platform!r} "
-            "(use PallasGpuConfig(interpret=True) to interpret the kernels)."
-        )
-    if jnp.dtype(problem.dtype).name not in _SUPPORTED_DTYPES and not config.interpret:
-        raise NotImplementedError(
-            f"pallas_gpu supports {_SUPPORTED_DTYPES} inputs, got {jnp.dtype(problem.dtype).name}."
-        )
+    require_kernel_support("pallas_gpu", "gpu", config.interpret, problem, target)
     p = config.resolve(problem.n, problem.d, problem.v, problem.dtype, target)
     return p._replace(w_vd=problem.w_vd)

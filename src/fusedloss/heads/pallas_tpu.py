@@ -50,12 +50,12 @@ from fusedloss.heads._engine import (
     TokenStats,
     cdiv,
     make_stats_core,
+    require_kernel_support,
 )
 from fusedloss.heads._targets import Target
 
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 # VMEM per TensorCore by chip (``device_kind``, lower case; the more specific name
 # first). A chip not named here, or a program whose chip tracing cannot see, gets the
 # smallest (v4's), so that its tiles compile on every supported chip.
@@ -497,20 +497,6 @@ pallas_tpu_stats = make_stats_core(_forward, _backward, "pallas_tpu_stats")
 def plan(config: PallasTpuConfig | None, problem: Problem, target: Target) -> _Plan:
     """The kernels' plan, or ``NotImplementedError`` where they cannot run."""
     config = PallasTpuConfig() if config is None else config
-    if not problem.hp.plain_logits:
-        raise NotImplementedError(
-            "pallas_tpu computes the cross-entropy statistics of softcap(x @ w + bias); a "
-            "temperature, the expected logit (entropy) or K logits per token need another "
-            "implementation."
-        )
-    if config.interpret is False and target.platform != "tpu":
-        raise NotImplementedError(
-            f"pallas_tpu compiles for TPUs, not for {target.platform!r} "
-            "(use PallasTpuConfig(interpret=True) to interpret the kernels)."
-        )
-    if jnp.dtype(problem.dtype).name not in _SUPPORTED_DTYPES and config.interpret is False:
-        raise NotImplementedError(
-            f"pallas_tpu supports {_SUPPORTED_DTYPES} inputs, got {jnp.dtype(problem.dtype).name}."
-        )
+    require_kernel_support("pallas_tpu", "tpu", config.interpret is not False, problem, target)
     p = config.resolve(problem.n, problem.d, problem.v, problem.dtype, target)
     return p._replace(w_vd=problem.w_vd)
