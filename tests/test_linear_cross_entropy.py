@@ -456,8 +456,10 @@ def test_auto_strategy_follows_reduction():
         problem = _engine.Problem(1024, d, v, dtype, False, needs_stats)
         return xla.plan(cfg, problem, _targets.Target("cpu")).strategy
 
-    assert strategy(XlaConfig(), 64, 1000, jnp.float32, False) == "grad_in_forward"
-    assert strategy(XlaConfig(), 64, 1000, jnp.float32, True) == "recompute"
+    # Logits that fit one block are computed at once; larger ones are chunked.
+    assert strategy(XlaConfig(), 64, 1000, jnp.float32, False) == "materialized"
+    assert strategy(XlaConfig(), 64, 64000, jnp.float32, False) == "grad_in_forward"
+    assert strategy(XlaConfig(), 64, 64000, jnp.float32, True) == "recompute"
     # A bf16 head whose float32 dw accumulator exceeds the budget uses recompute.
     small = XlaConfig(accumulator_bytes=2**20)
     assert strategy(small, 4096, 128256, jnp.bfloat16, False) == "recompute"

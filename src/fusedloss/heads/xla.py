@@ -47,9 +47,10 @@ from fusedloss.heads._engine import (
     round_down,
 )
 from fusedloss.heads._targets import Target
+from fusedloss.heads.reference import materialized_stats
 
-Strategy = Literal["auto", "grad_in_forward", "recompute"]
-_STRATEGIES = ("auto", "grad_in_forward", "recompute")
+Strategy = Literal["auto", "grad_in_forward", "recompute", "materialized"]
+_STRATEGIES = ("auto", "grad_in_forward", "recompute", "materialized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +58,12 @@ class XlaConfig:
     """Tuning knobs of the chunked ``xla`` implementation.
 
     Attributes:
-      strategy: ``"auto"`` (``grad_in_forward`` for a reduced loss when its float32
-        ``dw`` accumulator fits ``accumulator_bytes``, else ``recompute``),
-        ``"grad_in_forward"`` or ``"recompute"``.
+      strategy: ``"auto"`` (``"materialized"`` when the whole ``[N, V]`` float32
+        logits fit in ``block_bytes``, where chunking gains nothing; else
+        ``grad_in_forward`` for a reduced loss when its float32 ``dw`` accumulator
+        fits ``accumulator_bytes``, else ``recompute``), ``"grad_in_forward"``,
+        ``"recompute"`` or ``"materialized"`` (the logits at once, gradients by
+        autodiff: the plain computation).
       block_bytes: float32 bytes of one ``[token_chunk, vocab_chunk]`` logits block;
         sets the chunk sizes that are not given explicitly. Default: 128 MiB for
         ``grad_in_forward`` (larger token chunks keep it at the materialized
@@ -110,6 +114,9 @@ def plan(config: XlaConfig | None, problem: Problem, target: Target) -> XlaPlan:
     config = XlaConfig() if config is None else config
     n, d, v = problem.n, problem.d, problem.v
     strategy = config.strategy
+    if strategy == "auto" and 4 * n * v <= (config.block_bytes or 128 * 2**20):
+        # The logits fit one block: no regret, the plain computation in memory and time.
+        strategy = "materialized"
     if strategy == "auto":
         # A float32 w's gradient is its own accumulator; other dtypes need one more.
         extra = 0 if jnp.dtype(problem.dtype) == jnp.float32 else 4 * d * v
@@ -380,7 +387,14 @@ def _backward(x, w, bias, local_labels, valid, lse, cts, hp: Hyper, plan: XlaPla
     return _stats_backward(x, w, bias, local_labels, valid, 0, lse, cts, hp, plan.tn, plan.vc, va)
 
 
-xla_stats = make_stats_core(_forward, _backward, "xla_stats")
+_recompute_stats = make_stats_core(_forward, _backward, "xla_recompute_stats")
+
+
+def xla_stats(x, w, bias, labels, valid, vocab_offset, hp: Hyper, plan: XlaPlan) -> TokenStats:
+    """The statistics core of the plan's strategy (differentiable)."""
+    if plan.strategy == "materialized":
+        return materialized_stats(x, w, bias, labels, valid, vocab_offset, hp, plan.w_vd)
+    return _recompute_stats(x, w, bias, labels, valid, vocab_offset, hp, plan)
 
 
 # --------------------------------------------------------------------------------------
