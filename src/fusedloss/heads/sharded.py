@@ -538,12 +538,13 @@ def run_sharded(
         w = jnp.pad(w, [(0, v_pad - v) if a == vocab_axis else (0, 0) for a in range(2)])
         bias = None if bias is None else jnp.pad(bias, (0, v_pad - v))
 
-    # The shard_map is manual over the axes that split something. A replicated input's
-    # gradient is summed over the manual axes its spec leaves out, so a size-1 axis in
-    # there would cost a trivial all-reduce holding a second w-sized gradient buffer.
-    # Without any splitting axis (e.g. a 1x1 mesh), it is manual over the size-1 axes,
-    # named in every spec (nothing to sum): the per-device code then sees the same
-    # unsharded types as on a multi-device mesh.
+    # The shard_map is manual over the data and model axes. A replicated input's
+    # gradient is summed over the manual axes its spec leaves out, so the size-1 axes
+    # are named in every spec (a sum over them would be a trivial all-reduce holding a
+    # second w-sized gradient buffer). Leaving them automatic instead would make the
+    # shard_map partly manual, where XLA:CPU aborts compiling the bf16 sum of a
+    # replicated input's gradient. On a 1x1 mesh the per-device code thus sees the
+    # same unsharded types as on a multi-device mesh.
     split_data = tuple(a for a in data if mesh.shape[a] > 1)
     split_model = tuple(a for a in model if mesh.shape[a] > 1)
     if not np.prod((*labels.shape[:-1], labels.shape[-1] - shift) if shift else labels.shape):
@@ -552,7 +553,7 @@ def run_sharded(
         # zero-sized output of the shard_map would come back with shards sized like
         # the whole array.
         data = model = split_data = split_model = ()
-    idle = () if split_data or split_model else data + model
+    idle = tuple(a for a in data + model if mesh.shape[a] == 1)
     tok, col = _spec_axis(split_data + idle), _spec_axis(split_model + idle)
     arrays = {"x": x, "w": w, "labels": labels}
     specs = {"x": P(tok), "w": P(col, None) if args.w_vd else P(None, col), "labels": P(tok)}

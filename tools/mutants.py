@@ -1,0 +1,272 @@
+"""Mutation check: plants one-line bugs in a copy of src/ and runs the tests meant to catch each.
+
+Usage (from the repository root):
+
+    python tools/mutants.py            # every mutant
+    python tools/mutants.py NAME ...   # a subset (names from --list)
+    python tools/mutants.py --list
+
+Each mutant is (name, file under src/fusedloss/, exact original text, replacement,
+pytest selection). The original text must occur exactly once in its file, so the
+check fails loudly when the code moves. A mutant is *caught* when its tests fail.
+Prints a caught/survived table; the exit status is non-zero if any survives (or a
+mutant no longer applies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to src/fusedloss/
+    original: str
+    replacement: str
+    tests: tuple[str, ...]  # files under tests/
+    select: str = ""  # pytest -k expression
+
+    def command(self, python: str) -> list[str]:
+        cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+        cmd += [str(ROOT / "tests" / t) for t in self.tests]
+        return cmd + (["-k", self.select] if self.select else [])
+
+
+G = ("test_guards.py",)
+
+MUTANTS = [
+    # grad_in_forward (heads/xla.py)
+    Mutant(
+        "gif-cast-ignores-cotangent",
+        "heads/xla.py",
+        "new = (g * _w_slice(buf, start, chunk, axis)).astype(out_dtype)",
+        "new = _w_slice(buf, start, chunk, axis).astype(out_dtype)",
+        G,
+        "cotangent",
+    ),
+    Mutant(
+        "gif-forward-drops-bad-label-nan",
+        "heads/xla.py",
+        "    loss = _ce_math.nan_if_bad_label(loss, labels, w.shape[va], valid)\n",
+        "",
+        G,
+        "out_of_range",
+    ),
+    Mutant(
+        "gif-aux-argmin",
+        "heads/xla.py",
+        "arg_c = upd(arg_c, jnp.argmax(s, axis=1).astype(jnp.int32))",
+        "arg_c = upd(arg_c, jnp.argmin(s, axis=1).astype(jnp.int32))",
+        G,
+        "accuracy_under",
+    ),
+    # recompute core (heads/xla.py)
+    Mutant(
+        "recompute-argmax-tie-takes-last",
+        "heads/xla.py",
+        "take = bm > best",
+        "take = bm >= best",
+        G,
+        "argmax_ties",
+    ),
+    Mutant(
+        "recompute-overlap-columns-unmasked",
+        "heads/xla.py",
+        "s = jnp.where(col_new[None, :], s, -jnp.inf)",
+        "s = s",
+        G,
+        "400",
+    ),
+    Mutant(
+        "chunk-clamp-off-by-one",
+        "heads/xla.py",
+        "return jnp.minimum(nominal, total - chunk), nominal",
+        "return jnp.minimum(nominal, total - chunk - 1), nominal",
+        G,
+        "400 or accuracy",
+    ),
+    Mutant(
+        "K-ids-scatter-into-column-0",
+        "heads/xla.py",
+        "local = jnp.where((lab >= vstart) & (lab < vstart + vc), lab - vstart, vc)",
+        "local = jnp.where((lab >= vstart) & (lab < vstart + vc), lab - vstart, 0)",
+        ("test_distillation.py",),
+        "values_and_gradients and xla",
+    ),
+    # shared math (_ce_math.py)
+    Mutant(
+        "lse-combine-wrong-sign",
+        "_ce_math.py",
+        "return m, l1 * jnp.exp(m1 - m_safe) + l2 * jnp.exp(m2 - m_safe)",
+        "return m, l1 * jnp.exp(m1 - m_safe) + l2 * jnp.exp(m_safe - m2)",
+        G,
+        "400",
+    ),
+    Mutant(
+        "backward-temperature-not-applied",
+        "_ce_math.py",
+        "return g * softcap_grad(capped * temperature, cap) / temperature",
+        "return g * softcap_grad(capped * temperature, cap)",
+        ("test_log_probs.py",),
+        "values_and_gradients",
+    ),
+    Mutant(
+        "expected-logit-term-dropped",
+        "_ce_math.py",
+        "g = g + g_expected * p * (1.0 + capped - expected)",
+        "g = g + g_expected * p",
+        ("test_log_probs.py",),
+        "values_and_gradients",
+    ),
+    Mutant(
+        "smoothing-grad-not-divided-by-V",
+        "_ce_math.py",
+        "-scale * (label_smoothing / num_classes),",
+        "-scale * label_smoothing,",
+        ("test_linear_cross_entropy.py",),
+        "matches_float64_oracle",
+    ),
+    Mutant(
+        "z-loss-grad-factor-dropped",
+        "_ce_math.py",
+        "scale * (1.0 + 2.0 * z_loss * lse),",
+        "scale * (1.0 + z_loss * lse),",
+        ("test_linear_cross_entropy.py",),
+        "matches_float64_oracle",
+    ),
+    # fused softmax CE
+    Mutant(
+        "softmax-ce-backward-counts-V",
+        "_softmax_ce.py",
+        "lse, 1.0, num_classes=count,",
+        "lse, 1.0, num_classes=num_classes,",
+        G,
+        "softmax_ce_element_mask",
+    ),
+    # Pallas GPU kernels
+    Mutant(
+        "gpu-forward-no-column-mask-past-split",
+        "heads/pallas_gpu.py",
+        "check_cols = st.v % st.bv != 0 or nv % tiles_per_split != 0",
+        "check_cols = st.v % st.bv != 0",
+        G,
+        "tiling_edges",
+    ),
+    Mutant(
+        "gpu-swizzle-wrong-group-start",
+        "heads/pallas_gpu.py",
+        "first = (pid // per_group) * group",
+        "first = pid // per_group",
+        G,
+        "tiling_edges",
+    ),
+    # sharded path
+    Mutant(
+        "sharded-lse-without-max-shift",
+        "heads/sharded.py",
+        "lse = _ce_math.lse_finalize(m, psum_over(jnp.exp(local.lse - m_safe), model))",
+        "lse = _ce_math.lse_finalize(0 * m, psum_over(jnp.exp(local.lse), model))",
+        G,
+        "400 and sharded",
+    ),
+    Mutant(
+        "sharded-argmax-tie-takes-largest-id",
+        "heads/sharded.py",
+        "return TokenStats(lse, label_logit, sum_logits, best, _pmin(cand, model)), name",
+        "return TokenStats(lse, label_logit, sum_logits, best, _pmax(cand, model)), name",
+        G,
+        "argmax_ties and sharded",
+    ),
+    Mutant(
+        "sharded-label-logit-not-summed",
+        "heads/sharded.py",
+        "label_logit = psum_over(local.label_logit, model)",
+        "label_logit = local.label_logit",
+        G,
+        "400 and sharded",
+    ),
+    # new heads
+    Mutant(
+        "log-probs-entropy-sign",
+        "heads/log_probs.py",
+        "entropy = jnp.where(valid, stats.lse - stats.expected_logit, 0.0)",
+        "entropy = jnp.where(valid, stats.expected_logit - stats.lse, 0.0)",
+        ("test_log_probs.py",),
+        "values_and_gradients",
+    ),
+    Mutant(
+        "distill-rest-bin-dropped",
+        "heads/distillation.py",
+        "    return inside + rest\n",
+        "    return inside\n",
+        ("test_distillation.py",),
+        "values_and_gradients",
+    ),
+]
+
+
+def plant(src: Path, m: Mutant) -> None:
+    path = src / "fusedloss" / m.file
+    text = path.read_text()
+    count = text.count(m.original)
+    if count != 1:
+        raise LookupError(f"{m.name}: original text occurs {count} times in {m.file}")
+    path.write_text(text.replace(m.original, m.replacement))
+
+
+def main(argv: list[str]) -> int:
+    if "--list" in argv:
+        for m in MUTANTS:
+            print(m.name)
+        return 0
+    chosen = [m for m in MUTANTS if not argv or m.name in argv]
+    unknown = set(argv) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"unknown mutants: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    # Every original text must still be present once before anything runs.
+    stale = []
+    for m in MUTANTS:
+        n = (ROOT / "src" / "fusedloss" / m.file).read_text().count(m.original)
+        if n != 1:
+            stale.append(f"{m.name}: original text occurs {n} times in {m.file}")
+    if stale:
+        print("\n".join(stale), file=sys.stderr)
+        return 2
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        for m in chosen:
+            src = Path(tmp) / m.name / "src"
+            shutil.copytree(ROOT / "src", src)
+            plant(src, m)
+            env = dict(os.environ, PYTHONPATH=str(src))
+            start = time.monotonic()
+            r = subprocess.run(
+                m.command(sys.executable), cwd=ROOT, env=env, capture_output=True, text=True
+            )
+            # pytest exit 1: tests failed (caught); 5: nothing selected; else an error.
+            status = {0: "SURVIVED", 1: "caught"}.get(r.returncode, f"error({r.returncode})")
+            rows.append((m.name, status, time.monotonic() - start))
+            print(f"{m.name:40s} {status:10s} {rows[-1][2]:6.1f}s", flush=True)
+            shutil.rmtree(src.parent)
+    print()
+    print(f"{'mutant':40s} {'result':10s}")
+    for name, status, _ in rows:
+        print(f"{name:40s} {status:10s}")
+    bad = [r for r in rows if r[1] != "caught"]
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} caught")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
