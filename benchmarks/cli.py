@@ -46,6 +46,9 @@ contenders: {", ".join(CONTENDERS)} (the baseline '{BASELINE}' always runs).
 
 The quick suite on CPU uses N=128 tokens and caps D*V at 2e7 (D scaled down, the real V
 kept; the tables say so); the full suite on a GPU/TPU runs the real heads at N=8192.
+Modes (the first word; the rest goes to the mode, see `python -m benchmarks MODE --help`):
+  python -m benchmarks ratios [--tied]       # xla strategies vs materialized, interleaved
+  python -m benchmarks gpu-check --out DIR   # Pallas GPU error budget, time, peak memory
 Examples:
   python -m benchmarks                                  # quick suite, all contenders
   python -m benchmarks --suite full                     # what benchmarks/gpu.sh runs
@@ -191,9 +194,28 @@ def _list_text() -> str:
     return "\n".join(lines)
 
 
+def _ratios(argv: list[str]) -> int:
+    from benchmarks import xla_ratios
+
+    xla_ratios.main(argv)
+    return 0
+
+
+def _gpu_check(argv: list[str]) -> int:
+    from benchmarks import gpu_check
+
+    return gpu_check.main(argv)
+
+
+# Other measurements, as `python -m benchmarks MODE ...`.
+MODES = {"ratios": _ratios, "gpu-check": _gpu_check}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the suite; returns the process exit code."""
     raw_argv = list(sys.argv[1:] if argv is None else argv)
+    if raw_argv and raw_argv[0] in MODES:
+        return MODES[raw_argv[0]](raw_argv[1:])
     args = parse_args(raw_argv)
     if args.list:
         print(_list_text())

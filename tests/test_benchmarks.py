@@ -357,3 +357,9 @@ def test_xla_ratios_script_runs(capsys, tied):
     assert all(math.isfinite(r) and r > 0 for r in ratios.values())
     out = capsys.readouterr().out
     assert "N=40 D=16 V=300 float32" in out and ("embedding.T" in out) == tied
+
+
+def test_ratios_is_a_mode_of_the_suite(capsys):
+    argv = ["ratios", "--tokens", "24", "--d", "8", "--vocab", "200", "--reps", "1"]
+    assert cli.main(argv) == 0
+    assert "N=24 D=8 V=200 float32" in capsys.readouterr().out
