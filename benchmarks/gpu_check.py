@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -46,6 +45,8 @@ import jax
 import jax.numpy as jnp
 
 import fusedloss
+from benchmarks.measure import matmul_peak
+from benchmarks.runner import make_inputs
 from fusedloss.heads.pallas_gpu import PallasGpuConfig
 
 _MARK = "GPU_CHECK_RESULT "
@@ -89,14 +90,7 @@ FUSED = ("pallas_gpu", "xla")
 
 def inputs(case: Case, seed: int = 0):
     """Hidden states ~ N(0, 1) and a head giving logits of standard deviation ~2."""
-    kx, kw, kl = jax.random.split(jax.random.key(seed), 3)
-    dtype = jnp.dtype(case.dtype)
-    x = jax.random.normal(kx, (case.n, case.d), jnp.float32).astype(dtype)
-    w = (jax.random.normal(kw, (case.d, case.v), jnp.float32) * (2.0 / math.sqrt(case.d))).astype(
-        dtype
-    )
-    labels = jax.random.randint(kl, (case.n,), 0, case.v)
-    return x, w, labels
+    return make_inputs(case, jnp.dtype(case.dtype), seed)
 
 
 def loss_fn(contender: str, case: Case):
@@ -221,11 +215,7 @@ def error_budget(case: Case, fused: tuple[str, ...]) -> dict[str, Any]:
 
 
 def matmul_peak_tflops(size: int = 8192, reps: int = 10) -> float:
-    ka, kb = jax.random.split(jax.random.key(1))
-    a = jax.random.normal(ka, (size, size), jnp.bfloat16)
-    b = jax.random.normal(kb, (size, size), jnp.bfloat16)
-    fn = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
-    return 2.0 * size**3 / _median_seconds(fn, (a, b), reps) / 1e12
+    return matmul_peak((size, size, size), jnp.bfloat16, reps).tflops
 
 
 # --------------------------------------------------------------------------------------

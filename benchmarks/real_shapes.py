@@ -231,10 +231,10 @@ def skipped_reasons(records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _head_inputs(case: shapes.Case, dtype: Any, seed: int = 0) -> dict[str, list[jax.Array]]:
-    kx, kw, kl, kt = jax.random.split(jax.random.key(seed), 4)
-    x = jax.random.normal(kx, (case.n, case.d), dtype)
-    w = (jax.random.normal(kw, (case.d, case.v), jnp.float32) / case.d**0.5).astype(dtype)
-    labels = jax.random.randint(kl, (case.n,), 0, case.v, jnp.int32)
+    from benchmarks.runner import make_inputs
+
+    x, w, labels = make_inputs(case, dtype, seed)
+    kt = jax.random.key(seed + 1)
     # Distinct top-K ids per token, and a teacher distribution over them (mass < 1).
     ids = jnp.argsort(jax.random.uniform(kt, (case.n, 4 * TOPK)), axis=-1)[:, :TOPK]
     ids = ((ids * (case.v // (4 * TOPK))) % case.v).astype(jnp.int32)
