@@ -24,6 +24,11 @@ Benchmark fusedloss.linear_cross_entropy (fused x @ w + softmax cross-entropy) a
 the materialized optax baseline and third-party fused implementations, on named
 real-model LM heads and on vocabulary / token sweeps.
 
+First, without running anything, it compiles forward+backward at the REAL heads
+(GPT-2, Llama-3-8B, Gemma-2-2B, Qwen-2.5-7B) with N=8192 tokens for every contender,
+and for the log-probs and top-K distillation heads against their materialized
+equivalents, and reports the compiled temporaries (temp_size_in_bytes).
+
 For every case and contender it reports, forward (loss only) and forward+backward
 (value_and_grad w.r.t. x and w): the median time of several calls (compile and a
 warm-up excluded), the compiled temp bytes, the device peak bytes (GPU/TPU), the
@@ -41,6 +46,9 @@ contenders: {", ".join(CONTENDERS)} (the baseline '{BASELINE}' always runs).
 
 The quick suite on CPU uses N=128 tokens and caps D*V at 2e7 (D scaled down, the real V
 kept; the tables say so); the full suite on a GPU/TPU runs the real heads at N=8192.
+Modes (the first word; the rest goes to the mode, see `python -m benchmarks MODE --help`):
+  python -m benchmarks ratios [--tied]       # xla strategies vs materialized, interleaved
+  python -m benchmarks gpu-check --out DIR   # Pallas GPU error budget, time, peak memory
 Examples:
   python -m benchmarks                                  # quick suite, all contenders
   python -m benchmarks --suite full                     # what benchmarks/gpu.sh runs
@@ -121,6 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the standard losses vs optax table",
     )
     p.add_argument(
+        "--real-shapes",
+        nargs="+",
+        choices=tuple(shapes.MODEL_SHAPES),
+        metavar="NAME",
+        help="heads of the first table, compiled temporaries of forward+backward at the "
+        f"real shapes, compiled only (default: {' '.join(shapes.DEFAULT_MODELS)})",
+    )
+    p.add_argument(
+        "--real-tokens",
+        type=_positive_int,
+        default=8192,
+        metavar="N",
+        help="tokens N of the compiled-temporaries table (default: 8192)",
+    )
+    p.add_argument(
+        "--no-real-shapes",
+        action="store_true",
+        help="skip the compiled-temporaries table at the real shapes",
+    )
+    p.add_argument(
+        "--no-heads",
+        action="store_true",
+        help="skip timing the log-probs and top-K distillation heads against their "
+        "materialized equivalents (on the model-head cases)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
@@ -160,9 +194,28 @@ def _list_text() -> str:
     return "\n".join(lines)
 
 
+def _ratios(argv: list[str]) -> int:
+    from benchmarks import xla_ratios
+
+    xla_ratios.main(argv)
+    return 0
+
+
+def _gpu_check(argv: list[str]) -> int:
+    from benchmarks import gpu_check
+
+    return gpu_check.main(argv)
+
+
+# Other measurements, as `python -m benchmarks MODE ...`.
+MODES = {"ratios": _ratios, "gpu-check": _gpu_check}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the suite; returns the process exit code."""
     raw_argv = list(sys.argv[1:] if argv is None else argv)
+    if raw_argv and raw_argv[0] in MODES:
+        return MODES[raw_argv[0]](raw_argv[1:])
     args = parse_args(raw_argv)
     if args.list:
         print(_list_text())
@@ -173,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jaxlib
 
     import fusedloss
-    from benchmarks import contenders, measure, plots, report, runner, standard
+    from benchmarks import contenders, measure, plots, real_shapes, report, runner, standard
     from benchmarks.console import Console
 
     started = time.perf_counter()
@@ -189,12 +242,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir: Path = args.out or RESULTS_DIR / slugify(device_kind)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    console = Console(total=len(cases) * len(chosen), quiet=args.quiet)
+    real_names = real_shapes.contender_names()
+    real_heads = [] if args.no_real_shapes else (args.real_shapes or shapes.DEFAULT_MODELS)
+    head_cases = [] if args.no_heads else [c for c in cases if c.group == "models"]
+    if args.suite == "quick" and platform == "cpu":
+        # On a small CPU the [N, V] passes dominate: the two narrowest heads say enough.
+        head_cases = sorted(head_cases, key=lambda c: c.n * c.v)[:2]
+    total = len(cases) * len(chosen) + len(real_heads) * len(real_names) + 4 * len(head_cases)
+    console = Console(total=total, quiet=args.quiet)
+    real: list[dict[str, Any]] = []
     try:
         console.log(
             f"fusedloss benchmarks: suite={args.suite} device={device_kind} ({platform}) "
             f"dtype={dtype_name} reps≤{reps} cases={len(cases)} contenders={len(chosen)}"
         )
+        if real_heads:
+            console.log(
+                f"compiled temporaries of fwd+bwd at the real heads, N={args.real_tokens}, "
+                f"{dtype_name} (compiled, not run)"
+            )
+            real = real_shapes.run_real_shapes(
+                real_heads, args.real_tokens, dtype, real_names, console.advance
+            )
+            header, rows = real_shapes.table(real)
+            console.print_table(
+                f"compiled temporaries of fwd+bwd, N={args.real_tokens} {dtype_name} "
+                f"({device_kind}; compiled, not run)",
+                header,
+                rows,
+                name_columns=1,
+            )
         peak = measure.matmul_peak(cfg.matmul, dtype)
         console.log(
             f"matmul peak: {peak.tflops:.3g} TFLOP/s "
@@ -209,6 +286,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             peak_tflops=peak.tflops,
             listener=console,
         )
+        heads = real_shapes.time_heads(
+            head_cases,
+            dtype,
+            reps=reps,
+            max_seconds=cfg.max_seconds,
+            advance=console.advance,
+        )
+        if heads:
+            header, rows = real_shapes.heads_table(heads)
+            console.print_table(f"fused heads vs materialized, fwd+bwd, {dtype_name}", header, rows)
         std: list[dict[str, Any]] = []
         if not args.no_standard_losses:
             n, v = args.standard_shape or cfg.standard_losses
@@ -244,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "reps": reps,
             "max_seconds": cfg.max_seconds,
             "tokens": args.tokens,
+            "real_tokens": args.real_tokens,
             "matmul_peak": {
                 "shape": list(peak.shape),
                 "dtype": peak.dtype,
@@ -268,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             for c in cases
         ],
+        "real_shapes": real,
         "results": results,
+        "heads": heads,
         "standard_losses": std,
     }
     written = [] if args.no_plots else plots.write_plots(doc, out_dir)

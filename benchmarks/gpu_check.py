@@ -31,10 +31,8 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,8 @@ import jax
 import jax.numpy as jnp
 
 import fusedloss
+from benchmarks.measure import matmul_peak, time_compiled
+from benchmarks.runner import make_inputs
 from fusedloss.heads.pallas_gpu import PallasGpuConfig
 
 _MARK = "GPU_CHECK_RESULT "
@@ -89,14 +89,7 @@ FUSED = ("pallas_gpu", "xla")
 
 def inputs(case: Case, seed: int = 0):
     """Hidden states ~ N(0, 1) and a head giving logits of standard deviation ~2."""
-    kx, kw, kl = jax.random.split(jax.random.key(seed), 3)
-    dtype = jnp.dtype(case.dtype)
-    x = jax.random.normal(kx, (case.n, case.d), jnp.float32).astype(dtype)
-    w = (jax.random.normal(kw, (case.d, case.v), jnp.float32) * (2.0 / math.sqrt(case.d))).astype(
-        dtype
-    )
-    labels = jax.random.randint(kl, (case.n,), 0, case.v)
-    return x, w, labels
+    return make_inputs(case, jnp.dtype(case.dtype), seed)
 
 
 def loss_fn(contender: str, case: Case):
@@ -122,16 +115,6 @@ def loss_fn(contender: str, case: Case):
     return fused
 
 
-def _median_seconds(fn, args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))  # warm-up (compiled already)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
@@ -148,16 +131,11 @@ def run_child(case: Case, contender: str, reps: int) -> dict[str, Any]:
     base = jax.devices()[0].memory_stats() or {}
     loss = loss_fn(contender, case)
     out: dict[str, Any] = {"case": case.name, "contender": contender}
-    for mode, fn in (
-        ("fwd", jax.jit(loss)),
-        ("fwd_bwd", jax.jit(jax.value_and_grad(loss, (0, 1)))),
-    ):
-        t0 = time.perf_counter()
-        compiled = fn.lower(x, w, labels).compile()
-        out[f"{mode}_compile_s"] = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        out[f"{mode}_temp_bytes"] = None if mem is None else int(mem.temp_size_in_bytes)
-        seconds = _median_seconds(compiled, (x, w, labels), reps)
+    for mode, fn in (("fwd", loss), ("fwd_bwd", jax.value_and_grad(loss, (0, 1)))):
+        timing = time_compiled(fn, (x, w, labels), reps=reps, max_seconds=math.inf)
+        out[f"{mode}_compile_s"] = timing.compile_s
+        out[f"{mode}_temp_bytes"] = timing.temp_bytes
+        seconds = timing.median_s
         out[f"{mode}_ms"] = seconds * 1e3
         useful = case.flops_fwd * (1 if mode == "fwd" else 3)
         out[f"{mode}_tflops"] = useful / seconds / 1e12
@@ -221,11 +199,7 @@ def error_budget(case: Case, fused: tuple[str, ...]) -> dict[str, Any]:
 
 
 def matmul_peak_tflops(size: int = 8192, reps: int = 10) -> float:
-    ka, kb = jax.random.split(jax.random.key(1))
-    a = jax.random.normal(ka, (size, size), jnp.bfloat16)
-    b = jax.random.normal(kb, (size, size), jnp.bfloat16)
-    fn = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
-    return 2.0 * size**3 / _median_seconds(fn, (a, b), reps) / 1e12
+    return matmul_peak((size, size, size), jnp.bfloat16, reps).tflops
 
 
 # --------------------------------------------------------------------------------------

@@ -141,12 +141,44 @@ def _models_plot(doc: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _real_shapes_plot(doc: dict[str, Any], path: Path) -> bool:
+    recs = [r for r in doc.get("real_shapes") or [] if r["status"] == "ok" and r["temp_bytes"]]
+    if not recs:
+        return False
+    plt = _pyplot()
+    cases = list(dict.fromkeys(r["case"] for r in recs))
+    names = list(dict.fromkeys(r["contender"] for r in recs))
+    width = 0.85 / len(names)
+    fig, ax = plt.subplots(figsize=(14, 5.5))
+    for j, name in enumerate(names):
+        by_case = {r["case"]: r["temp_bytes"] / 2**30 for r in recs if r["contender"] == name}
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(cases))]
+        ys = [by_case.get(c, math.nan) for c in cases]
+        hatch = "//" if "materialized" in name or name in (BASELINE, "reference") else None
+        ax.bar(xs, ys, width, label=name, hatch=hatch, edgecolor="white", linewidth=0.3)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(cases)), cases)
+    ax.set_ylabel("compiled temporaries, fwd+bwd (GiB, log scale)")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="upper left")
+    r0, meta = recs[0], doc["meta"]
+    ax.set_title(
+        f"compiled temporaries at the real heads, N={r0['n']} {r0['dtype']}"
+        f" ({meta['device_kind']}; compiled, not run; hatched = materialized logits)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_plots(doc: dict[str, Any], out_dir: Path) -> list[str]:
     """Writes the plots that the document has data for; returns their file names."""
     if not matplotlib_available():
         return []
     written: list[str] = []
     jobs: Sequence[tuple[str, Any]] = (
+        ("real_shapes.png", lambda p: _real_shapes_plot(doc, p)),
         ("models.png", lambda p: _models_plot(doc, p)),
         *((f"{g}.png", lambda p, g=g: _sweep_plot(doc, g, p)) for g in _SWEEPS),
     )

@@ -20,7 +20,16 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from benchmarks import cli, contenders, plots, report, runner, shapes, standard  # noqa: E402
+from benchmarks import (  # noqa: E402
+    cli,
+    contenders,
+    plots,
+    real_shapes,
+    report,
+    runner,
+    shapes,
+    standard,
+)
 
 # ---- argument parsing --------------------------------------------------------------------
 
@@ -96,6 +105,8 @@ def test_help_documents_every_option(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for option in ("--suite", "--shapes", "--impls", "--dtype", "--tokens", "--out", "--no-plots"):
+        assert option in text
+    for option in ("--real-shapes", "--real-tokens", "--no-real-shapes", "--no-heads"):
         assert option in text
     for name in (*shapes.DEFAULT_MODELS, *shapes.SERIES, *contenders.CONTENDERS):
         assert name in text
@@ -219,6 +230,12 @@ def tiny_run(tmp_path_factory):
         "xla_gif",
         "xla_recompute",
         "pallas_gpu",
+        # The compiled-temporaries table on the tiny head (the real ones compile for
+        # a second each; they are not needed to test the table).
+        "--real-shapes",
+        "tiny",
+        "--real-tokens",
+        "16",
         "--out",
         str(out),
         "--no-plots",
@@ -271,6 +288,41 @@ def test_tiny_run_measures_and_skips(tiny_run):
         assert "needs a GPU backend" in skipped["reason"]
 
 
+def test_tiny_run_compiles_the_real_shape_table(tiny_run):
+    _, doc = tiny_run
+    by = {r["contender"]: r for r in doc["real_shapes"]}
+    assert list(by) == real_shapes.contender_names()
+    assert all((r["case"], r["n"], r["d"], r["v"]) == ("tiny", 16, 64, 1000) for r in by.values())
+    for name in ("optax", "reference", "xla_gif", "xla_recompute", "default", "log_probs"):
+        assert by[name]["status"] == "ok", by[name]["reason"]
+    for head in ("log_probs", "topk_distill"):
+        fused, materialized = by[head], by[head + "_materialized"]
+        assert fused["status"] == materialized["status"] == "ok"
+        assert fused["temp_bytes"] < materialized["temp_bytes"]
+    assert by["xla_recompute"]["temp_bytes"] < by["optax"]["temp_bytes"]
+    if doc["meta"]["platform"] != "gpu":
+        assert by["pallas_gpu"]["status"] == "skipped"
+    header, rows = real_shapes.table(doc["real_shapes"])
+    assert header == ["contender", "tiny (64x1000)"]
+    assert rows[0] == ["optax", real_shapes.fmt_bytes(by["optax"]["temp_bytes"])]
+
+
+def test_tiny_run_times_the_heads_against_materialized(tiny_run):
+    _, doc = tiny_run
+    by = {r["head"]: r for r in doc["heads"]}
+    assert list(by) == [
+        "log_probs_materialized",
+        "log_probs",
+        "topk_distill_materialized",
+        "topk_distill",
+    ]
+    for head in ("log_probs", "topk_distill"):
+        r = by[head]
+        assert r["status"] == "ok", r["reason"]
+        assert r["time_s"] > 0 and r["time_ratio"] > 0 and r["temp_ratio"] < 1
+        assert r["err_loss"] < 1e-4
+
+
 def test_standard_losses_against_optax():
     name = "softmax_cross_entropy_with_integer_labels"
     recs = standard.run_standard(8, 64, jnp.float32, reps=1, max_seconds=1.0, names=[name])
@@ -286,6 +338,8 @@ def test_standard_losses_against_optax():
 def test_tiny_run_writes_markdown(tiny_run):
     out, _ = tiny_run
     text = (out / "results.md").read_text()
+    assert text.index("## Compiled temporaries at the real heads") < text.index("## Model heads")
+    assert "compiled, not run" in text and "| log_probs_materialized |" in text
     assert "## Model heads" in text
     assert "| case | contender | mode | time (ms) |" in text
     assert "| tiny | xla_gif | fwd_bwd |" in text
@@ -303,3 +357,9 @@ def test_xla_ratios_script_runs(capsys, tied):
     assert all(math.isfinite(r) and r > 0 for r in ratios.values())
     out = capsys.readouterr().out
     assert "N=40 D=16 V=300 float32" in out and ("embedding.T" in out) == tied
+
+
+def test_ratios_is_a_mode_of_the_suite(capsys):
+    argv = ["ratios", "--tokens", "24", "--d", "8", "--vocab", "200", "--reps", "1"]
+    assert cli.main(argv) == 0
+    assert "N=24 D=8 V=200 float32" in capsys.readouterr().out
