@@ -193,7 +193,6 @@ def test_json_keeps_non_finite_numbers_visible(tmp_path):
 
 
 def test_plots_are_written(tmp_path):
-    pytest.importorskip("matplotlib")
     results = []
     for group, key, values in (("vocab_sweep", "v", (64, 128)), ("token_sweep", "n", (8, 16))):
         for value in values:

@@ -78,7 +78,6 @@ def test_train_lm_fused_and_materialized_agree(train_lm, tmp_path):
 
 
 def test_flax_nnx_lm_fused_and_materialized_agree(train_lm, tmp_path):
-    pytest.importorskip("flax")
     example = load_example("flax_nnx_lm")
     out = example.main(
         [

@@ -617,10 +617,13 @@ def test_no_retrace_on_same_shapes():
 
 def test_donated_inputs():
     x, w, labels, _ = make_inputs(9, lead=(12,))
-    want = float(linear_cross_entropy(jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)))
-    step = jax.jit(jax.value_and_grad(linear_cross_entropy, (0, 1)), donate_argnums=(0,))
-    loss, _ = step(jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels))
-    np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+    want = oracle(x, w, labels)
+    want_g = oracle_grads(x, w, labels, {}, (0, 1))
+    step = jax.jit(jax.value_and_grad(linear_cross_entropy, (0, 1)), donate_argnums=(0, 1))
+    loss, grads = step(jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    for name, g, wg in zip(["dx", "dw"], grads, want_g, strict=True):
+        np.testing.assert_allclose(g, wg, rtol=1e-5, atol=1e-6 * np.abs(wg).max(), err_msg=name)
 
 
 def test_package_exports():
