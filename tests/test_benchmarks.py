@@ -297,7 +297,8 @@ def test_tiny_run_compiles_the_real_shape_table(tiny_run):
     for head in ("log_probs", "topk_distill"):
         fused, materialized = by[head], by[head + "_materialized"]
         assert fused["status"] == materialized["status"] == "ok"
-        assert fused["temp_bytes"] < materialized["temp_bytes"]
+        # Logits this small fit one block: the default computes them at once (no regret).
+        assert fused["temp_bytes"] <= materialized["temp_bytes"]
     assert by["xla_recompute"]["temp_bytes"] < by["optax"]["temp_bytes"]
     if doc["meta"]["platform"] != "gpu":
         assert by["pallas_gpu"]["status"] == "skipped"
@@ -318,7 +319,8 @@ def test_tiny_run_times_the_heads_against_materialized(tiny_run):
     for head in ("log_probs", "topk_distill"):
         r = by[head]
         assert r["status"] == "ok", r["reason"]
-        assert r["time_s"] > 0 and r["time_ratio"] > 0 and r["temp_ratio"] < 1
+        # At a tiny shape the fused heads compute the logits at once: equal temporaries.
+        assert r["time_s"] > 0 and r["time_ratio"] > 0 and r["temp_ratio"] <= 1
         assert r["err_loss"] < 1e-4
 
 
