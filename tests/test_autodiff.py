@@ -22,6 +22,7 @@ import fusedloss as fl
 # Public functions that are not standard losses (fused heads, objectives, ...).
 NOT_STANDARD = {
     "LinearCrossEntropyAux",
+    "LinearDistillationAux",
     "XlaConfig",
     "PallasGpuConfig",
     "PallasTpuConfig",
@@ -30,6 +31,7 @@ NOT_STANDARD = {
     "causal_lm_objective",
     "classification_objective",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "linear_log_probs",
     "linear_topk_distillation_loss",
     "objectives",

@@ -27,6 +27,8 @@ from fusedloss.divergences import kl_divergence as kl_divergence
 from fusedloss.divergences import kl_divergence_with_log_targets as kl_divergence_with_log_targets
 from fusedloss.heads._ce_head import LinearCrossEntropyAux as LinearCrossEntropyAux
 from fusedloss.heads.cross_entropy import linear_cross_entropy as linear_cross_entropy
+from fusedloss.heads.distillation import LinearDistillationAux as LinearDistillationAux
+from fusedloss.heads.distillation import linear_distillation_loss as linear_distillation_loss
 from fusedloss.heads.distillation import (
     linear_topk_distillation_loss as linear_topk_distillation_loss,
 )
@@ -60,6 +62,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "LinearCrossEntropyAux",
+    "LinearDistillationAux",
     "PallasGpuConfig",
     "PallasTpuConfig",
     "Transposed",
@@ -79,6 +82,7 @@ __all__ = [
     "l2_loss",
     "l2_regularization",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "linear_log_probs",
     "linear_topk_distillation_loss",
     "log_cosh",

@@ -74,13 +74,15 @@ def check_head_args(x, w, labels, bias, where, weights, bias_what: str) -> HeadA
     return HeadArgs(x, stored, w_vd, labels, bias, where, weights)
 
 
-def static_float(name, value, low, high, *, low_inclusive=True) -> float:
+def static_float(name, value, low, high, *, low_inclusive=True, high_inclusive=False) -> float:
     if not _checks.is_concrete(value):
         raise TypeError(
             f"`{name}` must be a Python number (a static hyperparameter), got a traced value; "
             "pass it as a static argument of `jax.jit`."
         )
-    _checks.check_scalar_range(name, value, low, high, low_inclusive=low_inclusive)
+    _checks.check_scalar_range(
+        name, value, low, high, low_inclusive=low_inclusive, high_inclusive=high_inclusive
+    )
     return float(value)
 
 

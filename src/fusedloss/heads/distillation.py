@@ -1,5 +1,7 @@
 """Distillation heads: the student's fused head against a teacher.
 
+``linear_distillation_loss`` distills from a live teacher head: both heads' logits
+are formed block by block (``fusedloss.heads._distill``), never whole.
 ``linear_topk_distillation_loss`` distills from offline teacher log-probabilities of
 each token's top-K ids (e.g. from a serving engine): the forward KL between teacher
 and student coarsened to K + 1 bins (the K ids and "every other token"). It needs two
@@ -9,6 +11,7 @@ neither the student's nor any teacher's ``[tokens, V]`` logits are ever formed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -17,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusedloss import _ce_math, _checks
+from fusedloss.heads import _distill
 from fusedloss.heads._engine import Hyper
 from fusedloss.heads._registry import run_stats
 from fusedloss.heads._tokens import (
+    Tokens,
     check_head_args,
     check_options,
     check_shift,
@@ -160,3 +165,220 @@ def linear_topk_distillation_loss(
     if reduction == "none":
         return loss.reshape(tokens.shape).astype(args.x.dtype)
     return jnp.sum(loss)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LinearDistillationAux:
+    """Side outputs of :func:`~fusedloss.linear_distillation_loss` (not differentiable).
+
+    Attributes:
+      divergence: the divergence term, reduced like the loss (per token for
+        ``reduction="none"``), before the ``1 - hard_label_weight`` factor.
+      hard_loss: the hard-label cross-entropy term, reduced likewise (0 without
+        ``labels``), before the ``hard_label_weight`` factor.
+      num_tokens: int32 scalar, the number of included tokens.
+      weight_sum: float32 scalar, the sum of the included tokens' weights.
+      implementation: the implementation and strategy that ran (static).
+    """
+
+    divergence: jax.Array
+    hard_loss: jax.Array
+    num_tokens: jax.Array
+    weight_sum: jax.Array
+    implementation: str = dataclasses.field(default="", metadata={"static": True})
+
+
+_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _check_teacher_head(teacher_x, teacher_w, teacher_bias, x, vocab_size: int) -> _distill.Head:
+    vd = isinstance(teacher_w, Transposed)
+    stored = teacher_w.array if vd else teacher_w
+    _checks.check_floating("teacher_x", teacher_x)
+    _checks.check_floating("teacher_w", stored)
+    tx, tw = jnp.asarray(teacher_x), jnp.asarray(stored)
+    if tx.ndim != x.ndim or tx.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"`teacher_x` must have shape x.shape[:-1] + (Dt,) = {x.shape[:-1]} + (Dt,), "
+            f"got {tx.shape}."
+        )
+    what = "Transposed(array) with array of shape [V, Dt]" if vd else "[Dt, V]"
+    shape = tw.shape[::-1] if vd else tw.shape
+    if tw.ndim != 2 or shape[0] != tx.shape[-1] or shape[1] != vocab_size:
+        raise ValueError(
+            f"`teacher_w` must have shape {what} with Dt = teacher_x.shape[-1] = "
+            f"{tx.shape[-1]} and the student's V = {vocab_size}, got {tw.shape}."
+        )
+    if tw.dtype != tx.dtype:
+        raise TypeError(
+            f"`teacher_x` and `teacher_w` must have the same dtype, got {tx.dtype} and {tw.dtype}."
+        )
+    tb = None
+    if teacher_bias is not None:
+        _checks.check_floating("teacher_bias", teacher_bias)
+        tb = jnp.asarray(teacher_bias)
+        _checks.check_shape("teacher_bias", tb, (vocab_size,), "[V], the student's V")
+    return _distill.Head(tx, tw, tb)
+
+
+def _distill_options(divergence, beta, temperature, teacher_logit_softcap, labels, a, ignore_index):
+    if divergence not in _DIVERGENCES:
+        raise ValueError(f"`divergence` must be one of {_DIVERGENCES}, got {divergence!r}.")
+    beta = static_float("beta", beta, 0.0, 1.0, low_inclusive=False)
+    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
+    t_cap = teacher_logit_softcap
+    if t_cap is not None:
+        t_cap = static_float("teacher_logit_softcap", t_cap, 0.0, None, low_inclusive=False)
+    a = static_float("hard_label_weight", a, 0.0, 1.0, high_inclusive=True)
+    if labels is None and (a > 0 or ignore_index is not None):
+        raise ValueError(
+            "`hard_label_weight` > 0 and `ignore_index` need `labels`; got labels=None with "
+            f"hard_label_weight={a!r}, ignore_index={ignore_index!r}."
+        )
+    return beta, temp, t_cap, a
+
+
+def _finish(div, ce, total, tokens: Tokens, a: float, v: int, hard: bool, per_token: bool):
+    """(loss in the caller's token shape or reduced, divergence term, hard term)."""
+    valid, coef = tokens.valid, tokens.coef
+    bad = (~_ce_math.label_in_range(tokens.labels, v)) & valid if hard else None
+    tok = (1 - a) * div + a * ce if hard else div
+    tok = jnp.where(valid, jnp.where(bad, jnp.nan, tok) if hard else tok, 0.0) * coef
+    div = jnp.where(valid, div, 0.0) * coef
+    ce = jnp.where(valid, ce, 0.0) * coef
+    if per_token:
+        return tuple(t.reshape(tokens.shape) for t in (tok, div, ce))
+    if total is not None:  # formed with its gradients; NaN for a bad included label
+        loss = jnp.where(jnp.any(bad), jnp.nan, total) if hard else total
+    else:
+        loss = jnp.sum(tok)
+    return loss, jnp.sum(div), jnp.sum(ce)
+
+
+def linear_distillation_loss(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike | Transposed,
+    teacher_x: jax.typing.ArrayLike,
+    teacher_w: jax.typing.ArrayLike | Transposed,
+    *,
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    bias: jax.typing.ArrayLike | None = None,
+    teacher_bias: jax.typing.ArrayLike | None = None,
+    logit_softcap: float | None = None,
+    teacher_logit_softcap: float | None = None,
+    labels: jax.typing.ArrayLike | None = None,
+    hard_label_weight: float = 0.0,
+    ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "mean",
+    shift: int = 0,
+    return_aux: bool = False,
+    implementation: str | Sequence[str] | None = None,
+    config: Any = None,
+) -> jax.Array | tuple[jax.Array, LinearDistillationAux]:
+    r"""Distillation of a student head against a teacher head, both fused.
+
+    Per token, with the student's ``q = softmax(softcap(x @ w + bias) / temperature)``
+    and the teacher's ``p = softmax(softcap_t(teacher_x @ teacher_w + teacher_bias) /
+    temperature)``, the divergence is ``"forward_kl"``: ``KL(p || q)``,
+    ``"reverse_kl"``: ``KL(q || p)``, or ``"jsd"``: ``beta KL(p || m) + (1 - beta)
+    KL(q || m)`` with ``m = beta p + (1 - beta) q``. With ``labels``, the loss is
+    ``(1 - hard_label_weight) * divergence + hard_label_weight * CE`` (the student's
+    cross-entropy at temperature 1). No ``T**2`` factor is applied. Neither head's
+    ``[tokens, V]`` logits are materialized, and no gradient flows to the teacher.
+
+    Args:
+      x: student hidden states ``[..., D]``.
+      w: student kernel ``[D, V]`` (``x``'s dtype) or :class:`~fusedloss.Transposed`.
+      teacher_x: teacher hidden states ``[..., Dt]`` with ``x``'s leading shape.
+      teacher_w: teacher kernel ``[Dt, V]`` (``teacher_x``'s dtype, the student's V)
+        or :class:`~fusedloss.Transposed`.
+      divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
+      beta: the teacher's weight in the mixture of ``"jsd"``, in ``(0, 1)``.
+      temperature: ``> 0``; both heads' logits are divided by it (after softcaps).
+      bias, teacher_bias: optional ``[V]`` biases.
+      logit_softcap, teacher_logit_softcap: optional softcaps of each head.
+      labels: optional integer ids with ``x.shape[:-1]`` for the hard-label term and
+        ``ignore_index``.
+      hard_label_weight: in ``[0, 1]``, the hard-label term's weight (needs labels).
+      ignore_index, where, weights, reduction, shift: as in
+        :func:`~fusedloss.linear_cross_entropy`; exclusions apply to both terms
+        (``shift`` aligns ``x`` and ``teacher_x`` with ``labels[..., shift:]``).
+      return_aux: also return a :class:`LinearDistillationAux`.
+      implementation: ``"xla"`` (default) or ``"reference"`` (the materialized
+        computation); the Pallas kernels compute single-head statistics only.
+      config: an :class:`~fusedloss.XlaConfig` for ``"xla"``.
+
+    Returns:
+      The loss: per token (``x``'s dtype) for ``"none"``, else a float32 scalar; and
+      the aux outputs if ``return_aux``. An included label outside ``[0, V)`` gives
+      NaN under ``jit`` (with ``hard_label_weight > 0``); an eager call raises.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import fusedloss
+      >>> ks = jax.random.split(jax.random.key(0), 4)
+      >>> x, xt = jax.random.normal(ks[0], (2, 8, 16)), jax.random.normal(ks[1], (2, 8, 32))
+      >>> w = jax.random.normal(ks[2], (16, 1000)) / 4
+      >>> wt = jax.random.normal(ks[3], (32, 1000)) / 4
+      >>> loss = fusedloss.linear_distillation_loss(x, w, xt, wt, temperature=2.0)
+      >>> p = jax.nn.softmax(xt @ wt / 2.0)
+      >>> kl = jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(x @ w / 2.0)), -1).mean()
+      >>> bool(jnp.allclose(loss, kl, rtol=1e-5))
+      True
+    """
+    x_arr = jnp.asarray(x)
+    lab = jnp.zeros(x_arr.shape[:-1], jnp.int32) if labels is None else labels
+    args = check_head_args(x_arr, w, lab, bias, where, weights, "[V], V = w.shape[1]")
+    base = check_options(reduction, 0.0, 0.0, logit_softcap, ignore_index, shift)
+    teacher = _check_teacher_head(teacher_x, teacher_w, teacher_bias, args.x, args.vocab_size)
+    beta, temp, t_cap, a = _distill_options(
+        divergence,
+        beta,
+        temperature,
+        teacher_logit_softcap,
+        labels,
+        hard_label_weight,
+        ignore_index,
+    )
+    check_shift(args.x, shift)
+    tokens = prepare_tokens(
+        args.x, args.labels, args.where, args.weights, shift=shift, ignore_index=ignore_index,
+        reduction=reduction, vocab_size=args.vocab_size, check_labels=a > 0,
+    )  # fmt: skip
+    tx = teacher.x[..., :-shift, :] if shift else teacher.x
+    teacher = teacher._replace(x=tx.reshape(-1, tx.shape[-1]))
+    dh = _distill.Distill(
+        divergence,
+        beta,
+        temp,
+        base.softcap,
+        t_cap,
+        a > 0,
+        args.w_vd,
+        isinstance(teacher_w, Transposed),
+    )
+    per_token = reduction == "none"
+    student = _distill.Head(tokens.x, args.w, args.bias)
+    choice = _distill.plan_for(implementation, config, student, dh, needs_stats=per_token)
+    coefs = ((1 - a) * tokens.coef, a * tokens.coef)
+    div, ce, total = _distill.distillation_losses(
+        student, teacher, tokens.labels, tokens.valid, coefs, dh, choice
+    )
+    loss, div_term, hard_term = _finish(
+        div, ce, total, tokens, a, args.vocab_size, dh.hard, per_token
+    )
+    if per_token:
+        loss = loss.astype(args.x.dtype)
+    if not return_aux:
+        return loss
+    name = choice[0] if choice[1] is None else f"xla:{choice[1].strategy}"
+    stop = jax.lax.stop_gradient
+    aux = LinearDistillationAux(
+        stop(div_term), stop(hard_term), tokens.num_tokens, tokens.weight_sum, name
+    )
+    return loss, aux

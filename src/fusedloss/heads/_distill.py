@@ -1,0 +1,505 @@
+"""The core of the teacher-head distillation loss: two fused heads, one pass each way.
+
+Student logits ``z = softcap(x @ w + b)``, teacher logits ``u = softcap_t(xt @ wt + bt)``;
+at temperature ``T``: ``log q = z/T - LS`` (student), ``log p = u/T - LT`` (teacher).
+Per token, the divergence is one of
+
+    forward_kl = sum p (log p - log q)          reverse_kl = sum q (log q - log p)
+    jsd = beta sum p (log p - log m) + (1 - beta) sum q (log q - log m),
+          m = beta p + (1 - beta) q
+
+and, with hard labels, ``ce = logsumexp(z) - z[label]`` (at temperature 1). The core
+returns both per token; the teacher is never differentiated.
+
+Three strategies, chosen by :func:`fusedloss.heads.xla.plan` as for the cross-entropy:
+
+``materialized``
+    The whole rows at once, gradients by JAX's autodiff (small problems; the
+    ``reference`` implementation).
+``grad_in_forward``
+    Token blocks over the whole vocabulary: both heads' logits of a block, the loss
+    and the gradient of the student's logits by autodiff of the row loss, then the
+    ``dx``/``dw`` products, in the forward pass (a reduced loss only). The same
+    matmuls as the materialized computation.
+``recompute``
+    Vocabulary chunks with online statistics; the forward keeps per-token scalars
+    (the log-sum-exps, the divergence or its ``K``), the backward recomputes each
+    block of both heads and applies the closed-form gradient. Any per-token
+    cotangent. The vocabulary may be split over mesh ``axes`` (inside
+    ``shard_map``): only per-token scalars cross them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fusedloss import _ce_math
+from fusedloss.heads._engine import Hyper, Problem, cdiv
+from fusedloss.heads._registry import candidates, check_config
+from fusedloss.heads._tokens import psum_over
+from fusedloss.heads.xla import (
+    XlaConfig,
+    XlaPlan,
+    _accumulate_columns,
+    _chunk_start,
+    _dw_product,
+    _dx_product,
+    _scale_in_place,
+    _slice_bias,
+    _vocab_mask,
+    _w_slice,
+)
+from fusedloss.heads.xla import plan as xla_plan
+
+
+class Distill(NamedTuple):
+    """Static hyperparameters of the distillation head."""
+
+    divergence: str  # "forward_kl" | "reverse_kl" | "jsd"
+    beta: float
+    temperature: float
+    softcap: float | None
+    teacher_softcap: float | None
+    hard: bool  # the hard-label cross-entropy is wanted
+    vd: bool  # the student's w is stored as [V, D]
+    teacher_vd: bool  # the teacher's w is stored as [V, Dt]
+
+
+class Head(NamedTuple):
+    """One head's arrays: tokens ``[N, D]``, ``w`` as stored, optional bias."""
+
+    x: jax.Array
+    w: jax.Array
+    bias: jax.Array | None
+
+
+def _logits(x_blk, w_blk, b_blk, cap, vd: bool, dt):
+    """Softcapped logits of a block, in the accumulation dtype ``dt``."""
+    dims = (((1,), (1,)), ((), ())) if vd else (((1,), (0,)), ((), ()))
+    z = jax.lax.dot_general(x_blk, w_blk, dims, preferred_element_type=dt)
+    if b_blk is not None:
+        z = z + b_blk.astype(dt)[None, :]
+    return _ce_math.softcap(z, cap)
+
+
+# --------------------------------------------------------------------------------------
+# Whole rows (materialized and grad_in_forward)
+# --------------------------------------------------------------------------------------
+
+
+def _xlogy_diff(p, a, b):
+    """``p * (a - b)`` with ``0 * (anything) = 0`` for a probability ``p`` of 0."""
+    return jnp.where(p > 0, p * (a - b), 0.0)
+
+
+def row_losses(z, u, labels, dh: Distill):
+    """Per-row (divergence, cross-entropy) of whole rows of softcapped logits."""
+    t = dh.temperature
+    ls = jax.nn.log_softmax(z / t, axis=-1)
+    lt = jax.nn.log_softmax(u / t, axis=-1)
+    q, p = jnp.exp(ls), jnp.exp(lt)
+    if dh.divergence == "forward_kl":
+        div = jnp.sum(_xlogy_diff(p, lt, ls), axis=-1)
+    elif dh.divergence == "reverse_kl":
+        div = jnp.sum(_xlogy_diff(q, ls, lt), axis=-1)
+    else:
+        lm = jnp.logaddexp(math.log(dh.beta) + lt, math.log1p(-dh.beta) + ls)
+        div = dh.beta * jnp.sum(_xlogy_diff(p, lt, lm), axis=-1) + (1 - dh.beta) * jnp.sum(
+            _xlogy_diff(q, ls, lm), axis=-1
+        )
+    if not dh.hard:
+        return div, jnp.zeros_like(div)
+    v = z.shape[-1]
+    picked = jnp.take_along_axis(z, jnp.clip(labels, 0, v - 1)[:, None], axis=-1)[:, 0]
+    return div, jax.nn.logsumexp(z, axis=-1) - picked
+
+
+def materialized_losses(student: Head, teacher: Head, labels, valid, dh: Distill):
+    """Both rows whole; gradients (student only) by autodiff."""
+    dt = _ce_math.acc_dtype(student.x.dtype)
+    x = jnp.where(valid[:, None], student.x, jnp.zeros((), student.x.dtype))
+    z = _logits(x, student.w, student.bias, dh.softcap, dh.vd, dt)
+    u = _logits(teacher.x, teacher.w, teacher.bias, dh.teacher_softcap, dh.teacher_vd, dt)
+    return row_losses(z, jax.lax.stop_gradient(u), labels, dh)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gif_total(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, plan: XlaPlan):
+    return _gif_pass(student, teacher, labels, valid, coefs, dh, plan)[:3]
+
+
+def _gif_pass(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, plan: XlaPlan):
+    """Token blocks over the whole vocabulary: losses and unit-cotangent gradients."""
+    x, w, bias = student
+    n, d = x.shape
+    vd = dh.vd
+    va = 0 if vd else 1
+    tn = min(plan.tn, n)
+    dt = _ce_math.acc_dtype(x.dtype)
+    c_div, c_ce = coefs
+    zero = jnp.zeros((), x.dtype)
+    init = (
+        jnp.zeros((n,), dt),  # divergence per token
+        jnp.zeros((n,), dt),  # cross-entropy per token
+        jnp.zeros((n, d), x.dtype),  # dx
+        jnp.zeros(w.shape, dt),  # dw accumulator (stored orientation)
+        None if bias is None else jnp.zeros(bias.shape, dt),
+    )
+
+    def body(i, carry):
+        div_c, ce_c, dx, dw, db = carry
+        start, nom = _chunk_start(i, tn, n)
+        sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=tn)
+        fresh = (start + jnp.arange(tn)) >= nom
+        take = fresh & sl(valid)
+        x_blk = jnp.where(take[:, None], sl(x), zero)
+        u = _logits(sl(teacher.x), teacher.w, teacher.bias, dh.teacher_softcap, dh.teacher_vd, dt)
+        raw = _logits(x_blk, w, bias, None, vd, dt)
+        lab = sl(labels)
+
+        def weighted(raw):
+            div, ce = row_losses(_ce_math.softcap(raw, dh.softcap), u, lab, dh)
+            total = jnp.where(take, sl(c_div) * div + sl(c_ce) * ce, 0.0)
+            return jnp.sum(total), (div, ce)
+
+        dl, (div, ce) = jax.grad(weighted, has_aux=True)(raw)
+        dl_c = dl.astype(x.dtype)
+        put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+            buf, jnp.where(fresh.reshape((tn,) + (1,) * (new.ndim - 1)), new, sl(buf)), start, 0
+        )
+        dx = put(dx, _dx_product(dl_c, w, va, dt).astype(x.dtype))
+        dw = _accumulate_columns(dw, x_blk, dl_c, plan.vc_acc, va)
+        if db is not None:
+            db = db + jnp.sum(dl, axis=0)
+        return put(div_c, div), put(ce_c, ce), dx, dw, db
+
+    div, ce, dx, dw, db = jax.lax.fori_loop(0, cdiv(n, tn), body, init)
+    total = jnp.sum(jnp.where(valid, c_div * div + c_ce * ce, 0.0))
+    return total, div, ce, dx, dw, db
+
+
+def _gif_fwd(student, teacher, labels, valid, coefs, dh, plan):
+    total, div, ce, dx, dw, db = _gif_pass(student, teacher, labels, valid, coefs, dh, plan)
+    # Empty arrays carry the dtypes the scaled gradients are cast back to.
+    dtypes = tuple(None if a is None else jnp.zeros((0,), a.dtype) for a in student[1:])
+    return (total, div, ce), (div, ce, dx, dw, db, dtypes)
+
+
+def _gif_bwd(dh, plan, res, ct):
+    div, ce, dx, dw, db, (w_dt, b_dt) = res
+    g = ct[0]  # the per-token outputs are side outputs (not differentiated)
+    d_student = Head(
+        (g.astype(dx.dtype) * dx),
+        _scale_in_place(dw, g, w_dt.dtype, plan.vc_acc, 0 if dh.vd else 1),
+        None if db is None else (g * db).astype(b_dt.dtype),
+    )
+    return d_student, None, None, None, (g * div, g * ce)
+
+
+_gif_total.defvjp(_gif_fwd, _gif_bwd)
+
+
+def gif_losses(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, plan: XlaPlan):
+    """(scalar sum of coefs . losses, per-token divergence, per-token cross-entropy)."""
+    total, div, ce = _gif_total(student, teacher, labels, valid, coefs, dh, plan)
+    return total, jax.lax.stop_gradient(div), jax.lax.stop_gradient(ce)
+
+
+# --------------------------------------------------------------------------------------
+# recompute: vocabulary chunks, per-token scalars, any cotangent, vocabulary shards
+# --------------------------------------------------------------------------------------
+
+
+def _blocks(student: Head, teacher: Head, x_blk, xt_blk, vstart, vc, dh: Distill, dt):
+    """The (softcapped) student and teacher logits of one block."""
+    sw = _w_slice(student.w, vstart, vc, 0 if dh.vd else 1)
+    tw = _w_slice(teacher.w, vstart, vc, 0 if dh.teacher_vd else 1)
+    z = _logits(x_blk, sw, _slice_bias(student.bias, vstart, vc), dh.softcap, dh.vd, dt)
+    tb = _slice_bias(teacher.bias, vstart, vc)
+    u = _logits(xt_blk, tw, tb, dh.teacher_softcap, dh.teacher_vd, dt)
+    return z, u
+
+
+def _token_loop(n: int, tn: int, init, step):
+    """Runs ``step(rows_slice, fresh_rows, carry_slices) -> new slices`` over token
+    chunks of per-token carries (the last chunk clamped; its old rows kept)."""
+
+    def body(i, carry):
+        start, nom = _chunk_start(i, tn, n)
+        fresh = (start + jnp.arange(tn)) >= nom
+        sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=tn)
+        old = tuple(sl(c) for c in carry)
+        new = step(sl, fresh, old)
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(c, jnp.where(fresh, nv, ov), start, 0)
+            for c, nv, ov in zip(carry, new, old, strict=True)
+        )
+
+    return jax.lax.fori_loop(0, cdiv(n, tn), body, init)
+
+
+def _online(m, acc, block, weights_of):
+    """Online update of (running max ``m``, sums ``acc``) with a block of logits;
+    ``weights_of(e)`` maps ``exp(block - new max)`` to the summands of each sum."""
+    bm = jnp.max(block, axis=1)
+    m_new = jnp.maximum(m, bm)
+    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+    scale = jnp.where(jnp.isneginf(m), 0.0, jnp.exp(m - m_safe))
+    e = jnp.exp(block - m_safe[:, None])
+    return m_new, tuple(
+        a * scale + jnp.sum(s, axis=1) for a, s in zip(acc, weights_of(e), strict=True)
+    )
+
+
+def _rescale(m, sums, axes):
+    """Per-token (max, sums) of vocabulary shards combined over ``axes``."""
+    if not axes:
+        return m, sums
+    big = m
+    for a in axes:
+        big = jax.lax.pmax(big, a)
+    safe = jnp.where(jnp.isneginf(big), 0.0, big)
+    scale = jnp.where(jnp.isneginf(m), 0.0, jnp.exp(m - safe))
+    return big, tuple(psum_over(s * scale, axes) for s in sums)
+
+
+class _Scalars(NamedTuple):
+    """Per-token scalars of the recompute strategy (global over vocabulary shards)."""
+
+    ls: jax.Array  # log-sum-exp of z / T
+    lt: jax.Array  # log-sum-exp of u / T
+    l1: jax.Array  # log-sum-exp of z (hard labels; ls when T = 1)
+    k: jax.Array  # reverse_kl: the divergence; jsd: sum q (log q - log m)
+
+
+def _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes):
+    n = student.x.shape[0]
+    v = student.w.shape[0 if dh.vd else 1]
+    tn, vc = min(plan.tn, n), min(plan.vc, v)
+    dt = _ce_math.acc_dtype(student.x.dtype)
+    t = dh.temperature
+    ninf = jnp.full((n,), -jnp.inf, dt)
+    zero = jnp.zeros((n,), dt)
+    hard1 = dh.hard and t != 1.0  # a separate log-sum-exp at temperature 1
+
+    def pass1(sl, fresh, carry):
+        x_blk, xt_blk, lab_ids = sl(student.x), sl(teacher.x), sl(labels) - offset
+
+        def v_body(j, c):
+            ms, ss, a_s, mt, st, a_t, m1, s1, lab = c
+            vstart, vnom = _chunk_start(j, vc, v)
+            z, u = _blocks(student, teacher, x_blk, xt_blk, vstart, vc, dh, dt)
+            new = ((vstart + jnp.arange(vc)) >= vnom)[None, :]
+            s, tt = jnp.where(new, z / t, -jnp.inf), jnp.where(new, u / t, -jnp.inf)
+            diff = jnp.where(new, s - tt, 0.0)
+            ms, (ss, a_s) = _online(ms, (ss, a_s), s, lambda e: (e, e * diff))
+            mt, (st, a_t) = _online(mt, (st, a_t), tt, lambda e: (e, -e * diff))
+            if hard1:
+                m1, (s1,) = _online(m1, (s1,), jnp.where(new, z, -jnp.inf), lambda e: (e,))
+            if dh.hard:
+                local = lab_ids - vstart
+                here = (local >= 0) & (local < vc) & (local + vstart >= vnom)
+                got = jnp.take_along_axis(z, jnp.clip(local, 0, vc - 1)[:, None], axis=1)[:, 0]
+                lab = lab + jnp.where(here, got, 0.0)
+            return ms, ss, a_s, mt, st, a_t, m1, s1, lab
+
+        return jax.lax.fori_loop(0, cdiv(v, vc), v_body, carry)
+
+    init = (ninf, zero, zero, ninf, zero, zero, ninf, zero, zero)
+    ms, ss, a_s, mt, st, a_t, m1, s1, lab = _token_loop(n, tn, init, pass1)
+    # Shards -> global: the sums of each softmax are rescaled to the global max.
+    ms, (ss, a_s) = _rescale(ms, (ss, a_s), axes)
+    mt, (st, a_t) = _rescale(mt, (st, a_t), axes)
+    m1, (s1,) = _rescale(m1, (s1,), axes)
+    lab = psum_over(lab, axes) if dh.hard else lab
+    ls, lt = _ce_math.lse_finalize(ms, ss), _ce_math.lse_finalize(mt, st)
+    l1 = _ce_math.lse_finalize(m1, s1) if hard1 else ls
+    ce = l1 - lab if dh.hard else zero
+    if dh.divergence == "forward_kl":  # E_p[log p - log q] = E_p[u - z]/T - LT + LS
+        div = a_t / st - lt + ls
+        return div, ce, _Scalars(ls, lt, l1, zero)
+    if dh.divergence == "reverse_kl":
+        div = a_s / ss - ls + lt
+        return div, ce, _Scalars(ls, lt, l1, div)
+
+    # jsd: a second pass, with the global log-sum-exps known.
+    lb, lb1 = math.log(dh.beta), math.log1p(-dh.beta)
+
+    def pass2(sl, fresh, carry):
+        x_blk, xt_blk = sl(student.x), sl(teacher.x)
+        ls_b, lt_b = sl(ls)[:, None], sl(lt)[:, None]
+
+        def v_body(j, c):
+            jsd, k = c
+            vstart, vnom = _chunk_start(j, vc, v)
+            z, u = _blocks(student, teacher, x_blk, xt_blk, vstart, vc, dh, dt)
+            new = ((vstart + jnp.arange(vc)) >= vnom)[None, :]
+            lq, lp = z / t - ls_b, u / t - lt_b
+            lm = jnp.logaddexp(lb + lp, lb1 + lq)
+            kq = jnp.where(new, _xlogy_diff(jnp.exp(lq), lq, lm), 0.0)
+            kp = jnp.where(new, _xlogy_diff(jnp.exp(lp), lp, lm), 0.0)
+            return jsd + jnp.sum(dh.beta * kp + (1 - dh.beta) * kq, axis=1), k + jnp.sum(kq, 1)
+
+        return jax.lax.fori_loop(0, cdiv(v, vc), v_body, carry)
+
+    jsd, k = _token_loop(n, tn, (zero, zero), pass2)
+    jsd, k = psum_over(jsd, axes), psum_over(k, axes)
+    return jsd, ce, _Scalars(ls, lt, l1, k)
+
+
+def _dlogits(z, u, lab_ids, sc: _Scalars, g_div, g_ce, dh: Distill, cols):
+    """d(g_div . divergence + g_ce . ce) / d(raw student logits) of one block."""
+    t = dh.temperature
+    lq, lp = z / t - sc.ls[:, None], u / t - sc.lt[:, None]
+    q = jnp.exp(lq)
+    if dh.divergence == "forward_kl":
+        ds = q - jnp.exp(lp)
+    elif dh.divergence == "reverse_kl":
+        ds = q * (lq - lp - sc.k[:, None])
+    else:
+        lm = jnp.logaddexp(math.log(dh.beta) + lp, math.log1p(-dh.beta) + lq)
+        ds = (1 - dh.beta) * q * (lq - lm - sc.k[:, None])
+    dz = g_div[:, None] * ds / t
+    if dh.hard:
+        onehot = lab_ids[:, None] == cols[None, :]
+        dz = dz + g_ce[:, None] * (jnp.exp(z - sc.l1[:, None]) - onehot)
+    return dz * _ce_math.softcap_grad(z, dh.softcap)
+
+
+def _recompute_backward(student, teacher, labels, valid, offset, sc, g_div, g_ce, dh, plan):
+    x, w, bias = student
+    n = x.shape[0]
+    va = 0 if dh.vd else 1
+    v = w.shape[va]
+    tn, vc = min(plan.tn, n), min(plan.vc, v)
+    dt = _ce_math.acc_dtype(x.dtype)
+    zero = jnp.zeros((), x.dtype)
+    keep = lambda a: jnp.where(valid, a, 0.0)
+    g_div, g_ce = keep(g_div), keep(g_ce)
+    sc = _Scalars(*(keep(a) for a in sc))  # excluded rows: finite, and no gradient
+
+    def v_body(j, carry):
+        dx, dw, db = carry
+        vstart, vnom = _chunk_start(j, vc, v)
+        cols = vstart + jnp.arange(vc, dtype=jnp.int32)
+        new = cols >= vnom
+
+        def t_body(i, inner):
+            dx, dw_acc, db_acc = inner
+            start, nom = _chunk_start(i, tn, n)
+            sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=tn)
+            rows = ((start + jnp.arange(tn)) >= nom) & sl(valid)
+            x_blk = jnp.where(rows[:, None], sl(x), zero)
+            z, u = _blocks(student, teacher, x_blk, sl(teacher.x), vstart, vc, dh, dt)
+            scs = _Scalars(*(sl(a) for a in sc))
+            dl = _dlogits(z, u, sl(labels) - offset, scs, sl(g_div), sl(g_ce), dh, cols)
+            dl = jnp.where(rows[:, None] & new[None, :], dl, 0.0)
+            dl_c = dl.astype(x.dtype)
+            w_blk = _w_slice(w, vstart, vc, va)
+            dx = jax.lax.dynamic_update_slice_in_dim(
+                dx, sl(dx) + _dx_product(dl_c, w_blk, va, dt), start, 0
+            )
+            dw_acc = dw_acc + _dw_product(x_blk, dl_c, va, dt)
+            if db_acc is not None:
+                db_acc = db_acc + jnp.sum(dl, axis=0)
+            return dx, dw_acc, db_acc
+
+        w_blk = _w_slice(w, vstart, vc, va)
+        acc0 = (jnp.zeros_like(w_blk, dtype=dt), None if bias is None else jnp.zeros((vc,), dt))
+        dx, dw_acc, db_acc = jax.lax.fori_loop(0, cdiv(n, tn), t_body, (dx, *acc0))
+        old = _w_slice(dw, vstart, vc, va)
+        dw = jax.lax.dynamic_update_slice_in_dim(
+            dw, jnp.where(_vocab_mask(new, va), dw_acc.astype(w.dtype), old), vstart, va
+        )
+        if db is not None:
+            old_b = jax.lax.dynamic_slice_in_dim(db, vstart, vc)
+            db = jax.lax.dynamic_update_slice_in_dim(
+                db, jnp.where(new, db_acc.astype(db.dtype), old_b), vstart, 0
+            )
+        return dx, dw, db
+
+    init = (
+        jnp.zeros_like(x, dtype=dt),
+        jnp.zeros_like(w),
+        None if bias is None else jnp.zeros_like(bias),
+    )
+    dx, dw, db = jax.lax.fori_loop(0, cdiv(v, vc), v_body, init)
+    return Head(dx.astype(x.dtype), dw, db)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def recompute_losses(student: Head, teacher: Head, labels, valid, offset, dh, plan, axes):
+    """Per-token (divergence, cross-entropy); ``student.w``'s column ``j`` is vocabulary
+    id ``offset + j``, the rest of the vocabulary lives on the shards of ``axes``."""
+    return _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes)[:2]
+
+
+def _recompute_fwd(student, teacher, labels, valid, offset, dh, plan, axes):
+    div, ce, sc = _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes)
+    return (div, ce), (student, teacher, labels, valid, offset, sc)
+
+
+def _recompute_bwd(dh, plan, axes, res, ct):
+    student, teacher, labels, valid, offset, sc = res
+    d_student = _recompute_backward(student, teacher, labels, valid, offset, sc, *ct, dh, plan)
+    return d_student, None, None, None, None
+
+
+recompute_losses.defvjp(_recompute_fwd, _recompute_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# The choice of strategy
+# --------------------------------------------------------------------------------------
+
+# Two heads' blocks are alive at once, with their softmaxes: smaller blocks than the
+# cross-entropy's keep the temporaries at a few hundred MiB at real vocabulary sizes.
+_BLOCK_BYTES = 32 * 2**20
+
+
+def plan_for(implementation, config, student: Head, dh: Distill, *, needs_stats: bool):
+    """(implementation name, XlaPlan or None for ``reference``)."""
+    names, _ = candidates(implementation)
+    check_config(config, names)
+    usable = [n for n in (names or ("xla",)) if n in _NAMES]
+    if not usable:
+        raise NotImplementedError(
+            f"linear_distillation_loss runs on {_NAMES}; the Pallas kernels compute "
+            f"single-head statistics only. Got implementation={implementation!r}."
+        )
+    if usable[0] == "reference":
+        return "reference", None
+    config = XlaConfig() if config is None else config
+    if config.block_bytes is None:
+        config = dataclasses.replace(config, block_bytes=_BLOCK_BYTES)
+    n, d = student.x.shape
+    v = student.w.shape[0 if dh.vd else 1]
+    problem = Problem(max(n, 1), d, v, student.x.dtype, dh.vd, needs_stats, Hyper())
+    return "xla", xla_plan(config, problem, None)
+
+
+_NAMES = ("xla", "reference")
+
+
+def distillation_losses(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, choice):
+    """(per-token divergence, per-token cross-entropy, scalar ``coefs``-weighted sum or
+    None); differentiable w.r.t. the student only."""
+    name, plan = choice
+    teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
+    if student.x.shape[0] == 0:
+        empty = jnp.zeros((0,), _ce_math.acc_dtype(student.x.dtype))
+        return empty, empty, None
+    with jax.named_scope(f"fusedloss_distillation_{name}"):
+        if plan is None or plan.strategy == "materialized":
+            return (*materialized_losses(student, teacher, labels, valid, dh), None)
+        if plan.strategy == "grad_in_forward":
+            total, div, ce = gif_losses(student, teacher, labels, valid, coefs, dh, plan)
+            return div, ce, total
+        div, ce = recompute_losses(student, teacher, labels, valid, jnp.int32(0), dh, plan, ())
+        return div, ce, None
