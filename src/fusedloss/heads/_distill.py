@@ -367,7 +367,7 @@ def _dlogits(z, u, lab_ids, sc: _Scalars, g_div, g_ce, dh: Distill, cols):
         ds = (1 - dh.beta) * q * (lq - lm - sc.k[:, None])
     dz = g_div[:, None] * ds / t
     if dh.hard:
-        onehot = lab_ids[:, None] == cols[None, :]
+        onehot = jnp.where(lab_ids[:, None] == cols[None, :], 1.0, 0.0)
         dz = dz + g_ce[:, None] * (jnp.exp(z - sc.l1[:, None]) - onehot)
     return dz * _ce_math.softcap_grad(z, dh.softcap)
 
@@ -466,13 +466,13 @@ _BLOCK_BYTES = 32 * 2**20
 def plan_for(implementation, config, student: Head, dh: Distill, *, needs_stats: bool):
     """(implementation name, XlaPlan or None for ``reference``)."""
     names, _ = candidates(implementation)
-    check_config(config, names)
-    usable = [n for n in (names or ("xla",)) if n in _NAMES]
+    usable = tuple(n for n in (names or ("xla",)) if n in _NAMES)
     if not usable:
         raise NotImplementedError(
             f"linear_distillation_loss runs on {_NAMES}; the Pallas kernels compute "
             f"single-head statistics only. Got implementation={implementation!r}."
         )
+    check_config(config, usable)
     if usable[0] == "reference":
         return "reference", None
     config = XlaConfig() if config is None else config

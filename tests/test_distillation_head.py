@@ -1,0 +1,298 @@
+"""``linear_distillation_loss`` against a float64 oracle written here (both heads'
+logits materialized in ``jnp`` under x64, the divergences from their definitions,
+sharing nothing with the library): values, gradients for arbitrary per-token
+cotangents, every strategy, clamped chunks; the teacher gets no gradient; checks,
+bad labels, empty batches, bf16 and the memory contract at real heads."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fusedloss
+from fusedloss import Transposed, XlaConfig, linear_distillation_loss
+
+# 21 tokens (18 after a shift) in chunks of 8 and V = 53 in chunks of 16: several
+# chunks each way, the last one clamped.
+SMALL = dict(token_chunk=8, vocab_chunk=16)
+IMPLS = {
+    "reference": ("reference", None),
+    "materialized": ("xla", XlaConfig(strategy="materialized")),
+    "grad_in_forward": ("xla", XlaConfig(strategy="grad_in_forward", **SMALL)),
+    "recompute": ("xla", XlaConfig(strategy="recompute", **SMALL)),
+}
+LEAD, D, DT, V = (3, 7), 12, 10, 53
+
+
+def oracle(x, w, xt, wt, *, divergence="forward_kl", beta=0.5, temperature=1.0, bias=None,
+           teacher_bias=None, cap=None, teacher_cap=None, labels=None, a=0.0,
+           ignore_index=None, where=None, weights=None, shift=0, reduction="mean"):  # fmt: skip
+    """float64, from the definitions (KL sums over the vocabulary, M the mixture)."""
+    if shift:
+        x, xt = x[..., :-shift, :], xt[..., :-shift, :]
+        cut = lambda a: None if a is None else a[..., shift:]
+        labels, where, weights = cut(labels), cut(where), cut(weights)
+    z, u = x @ w, xt @ wt
+    row = lambda b: b.reshape((1,) * (z.ndim - 1) + (-1,))
+    z = z if bias is None else z + row(bias)
+    u = u if teacher_bias is None else u + row(teacher_bias)
+    z = z if cap is None else cap * jnp.tanh(z / cap)
+    u = u if teacher_cap is None else teacher_cap * jnp.tanh(u / teacher_cap)
+    logq = jax.nn.log_softmax(z / temperature, axis=-1)
+    logp = jax.nn.log_softmax(u / temperature, axis=-1)
+    p, q = jnp.exp(logp), jnp.exp(logq)
+    if divergence == "forward_kl":
+        div = jnp.sum(p * (logp - logq), -1)
+    elif divergence == "reverse_kl":
+        div = jnp.sum(q * (logq - logp), -1)
+    else:
+        logm = jnp.log(beta * p + (1 - beta) * q)
+        div = beta * jnp.sum(p * (logp - logm), -1) + (1 - beta) * jnp.sum(q * (logq - logm), -1)
+    per = div
+    keep = jnp.ones(div.shape, bool) if where is None else where
+    if labels is not None:
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(z, -1), labels[..., None] % V, -1)[..., 0]
+        per = (1 - a) * div + a * ce
+        if ignore_index is not None:
+            keep = keep & (labels != ignore_index)
+    wts = jnp.where(keep, 1.0 if weights is None else weights, 0.0)
+    per = jnp.where(keep, per, 0.0) * wts
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.sum() / wts.sum()
+
+
+def make(seed, lead=LEAD):
+    rng = np.random.default_rng(seed)
+    f32 = lambda *s, scale=1.0: (rng.normal(size=s) * scale).astype(np.float32)
+    arrays = dict(
+        x=f32(*lead, D), w=f32(D, V, scale=1.5 / np.sqrt(D)),
+        xt=f32(*lead, DT), wt=f32(DT, V, scale=2.0 / np.sqrt(DT)),
+        bias=f32(V), teacher_bias=f32(V),
+        labels=rng.integers(0, V, size=lead).astype(np.int32),
+        where=rng.random(lead) > 0.2,
+        weights=rng.uniform(0.5, 2.0, size=lead).astype(np.float32),
+    )  # fmt: skip
+    arrays["labels"].reshape(-1)[:2] = (0, V - 1)  # both ends of the vocabulary
+    arrays["labels"].reshape(-1)[5] = -100  # an ignored token
+    return arrays
+
+
+ALL = dict(temperature=1.7, cap=6.0, teacher_cap=5.0, bias=True, teacher_bias=True,
+           labels=True, a=0.3, ignore_index=-100, where=True, weights=True, shift=1)  # fmt: skip
+# The row loss (reference, materialized, grad_in_forward) and the closed forms of
+# recompute each meet every divergence; every feature at once in most cases.
+CASES = [
+    # (implementation, divergence, reduction, features)
+    *[("reference", d, r, ALL) for d, r in (("forward_kl", "mean"), ("reverse_kl", "sum"))],
+    ("reference", "jsd", "none", ALL),
+    ("materialized", "reverse_kl", "mean", ALL),
+    ("grad_in_forward", "forward_kl", "mean", ALL),
+    ("grad_in_forward", "jsd", "sum", dict(beta=0.8)),
+    *[("recompute", d, "none", ALL) for d in ("forward_kl", "reverse_kl", "jsd")],
+    ("recompute", "reverse_kl", "sum", dict(temperature=0.5)),
+    ("recompute", "forward_kl", "mean", dict(labels=True, a=1.0)),
+]
+
+
+@pytest.mark.parametrize("impl,divergence,reduction,feat", CASES)
+def test_values_and_gradients_match_float64_oracle(impl, divergence, reduction, feat):
+    arr = make(sum(map(ord, impl + divergence + reduction)) + len(feat))
+    name, cfg = IMPLS[impl]
+    opt = {k: arr[k] if feat.get(k) else None for k in ("bias", "teacher_bias", "labels", "where")}
+    opt["weights"] = arr["weights"] if feat.get("weights") else None
+    scal = dict(temperature=feat.get("temperature", 1.0), shift=feat.get("shift", 0))
+    beta, ign = feat.get("beta", 0.5), feat.get("ignore_index")
+    lab = opt["labels"]
+    if lab is not None and ign is None:
+        lab = lab % V  # no ignored token: every label in range
+    shape = arr["labels"][..., scal["shift"] :].shape
+    ct = np.random.default_rng(7).normal(size=shape)  # any per-token cotangent
+
+    def fused(x, w, b):
+        out = linear_distillation_loss(
+            x, w, arr["xt"], arr["wt"], divergence=divergence, beta=beta, bias=b,
+            teacher_bias=opt["teacher_bias"], logit_softcap=feat.get("cap"),
+            teacher_logit_softcap=feat.get("teacher_cap"), labels=lab,
+            hard_label_weight=feat.get("a", 0.0), ignore_index=ign, where=opt["where"],
+            weights=opt["weights"], reduction=reduction, implementation=name, config=cfg, **scal,
+        )  # fmt: skip
+        return jnp.sum(out * ct.astype(np.float32)) if reduction == "none" else out
+
+    argnums = (0, 1, 2) if opt["bias"] is not None else (0, 1)
+    got, grads = jax.jit(jax.value_and_grad(fused, argnums))(arr["x"], arr["w"], opt["bias"])
+    with jax.enable_x64(True):
+        f64 = lambda a: None if a is None else jnp.asarray(a, jnp.float64)
+
+        def want_fn(x, w, b):
+            out = oracle(
+                x, w, f64(arr["xt"]), f64(arr["wt"]), divergence=divergence, beta=beta,
+                bias=b, teacher_bias=f64(opt["teacher_bias"]), cap=feat.get("cap"),
+                teacher_cap=feat.get("teacher_cap"), labels=lab, a=feat.get("a", 0.0),
+                ignore_index=ign, where=opt["where"], weights=f64(opt["weights"]),
+                reduction=reduction, **scal,
+            )  # fmt: skip
+            return jnp.sum(out * ct) if reduction == "none" else out
+
+        want, want_g = jax.value_and_grad(want_fn, argnums)(
+            f64(arr["x"]), f64(arr["w"]), f64(opt["bias"])
+        )
+        # Directional derivatives along a random direction, per argument.
+        rng = np.random.default_rng(8)
+        for g, wg in zip(grads, want_g, strict=True):
+            u = rng.normal(size=np.shape(wg))
+            dd = np.sum(np.asarray(g, np.float64) * u)
+            np.testing.assert_allclose(dd, np.sum(np.asarray(wg) * u), rtol=1e-3)
+    # float32 statistics of O(1) losses: 1e-5 relative (the cancellation in a KL of
+    # close distributions is what float32 logits allow; these are not close).
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for nm, g, wg in zip(["dx", "dw", "dbias"], grads, want_g, strict=False):
+        wg = np.asarray(wg)  # sums over V of float32 terms: atol scaled by the largest
+        np.testing.assert_allclose(g, wg, rtol=1e-4, atol=1e-5 * np.abs(wg).max(), err_msg=nm)
+
+
+def test_tied_embeddings_of_both_heads():
+    """``Transposed`` [V, D] embeddings for the student and the teacher, read in place."""
+    arr = make(11)
+    name, cfg = IMPLS["recompute"]
+    x, w, xt, wt = arr["x"], arr["w"], arr["xt"], arr["wt"]
+    kw = dict(divergence="jsd", temperature=1.3, implementation=name, config=cfg)
+    f = lambda x, e: linear_distillation_loss(x, Transposed(e), xt, Transposed(wt.T), **kw)
+    got, (gx, ge) = jax.jit(jax.value_and_grad(f, (0, 1)))(x, w.T)
+    want, (wx, ww) = jax.jit(
+        jax.value_and_grad(lambda x, w: linear_distillation_loss(x, w, xt, wt, **kw), (0, 1))
+    )(x, w)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(gx, wx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ge, ww.T, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["grad_in_forward", "recompute"])
+def test_no_gradient_flows_to_the_teacher(impl):
+    arr = make(12)
+    name, cfg = IMPLS[impl]
+
+    def f(xt, wt, tb):
+        return linear_distillation_loss(
+            arr["x"], arr["w"], xt, wt, teacher_bias=tb, divergence="reverse_kl",
+            implementation=name, config=cfg,
+        )  # fmt: skip
+
+    grads = jax.jit(jax.grad(f, (0, 1, 2)))(arr["xt"], arr["wt"], arr["teacher_bias"])
+    assert all(not np.any(np.asarray(g)) for g in grads)
+    assert np.isfinite(jax.jit(f)(arr["xt"], arr["wt"], arr["teacher_bias"]))
+
+
+def test_equal_heads_give_zero_and_aux_terms():
+    arr = make(13)
+    x, w = arr["x"], arr["w"]
+    for div in ("forward_kl", "reverse_kl", "jsd"):
+        out = linear_distillation_loss(x, w, x, w, divergence=div, reduction="none")
+        np.testing.assert_allclose(out, 0.0, atol=2e-6)
+    loss, aux = linear_distillation_loss(
+        x, w, arr["xt"], arr["wt"], labels=arr["labels"], hard_label_weight=0.25,
+        ignore_index=-100, return_aux=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(loss, 0.75 * aux.divergence + 0.25 * aux.hard_loss, rtol=1e-6)
+    assert int(aux.num_tokens) == int(np.sum(arr["labels"] != -100))
+    assert aux.implementation.startswith("xla")
+
+
+def test_bad_labels_and_arguments():
+    arr = make(14, lead=(6,))
+    x, w, xt, wt = arr["x"], arr["w"], arr["xt"], arr["wt"]
+    bad = arr["labels"] % V  # no ignored token here
+    bad[3] = V
+    with pytest.raises(ValueError, match=rf"`labels` must lie in \[0, {V}\)"):
+        linear_distillation_loss(x, w, xt, wt, labels=bad, hard_label_weight=0.5)
+    out = jax.jit(
+        lambda y: linear_distillation_loss(
+            x, w, xt, wt, labels=y, hard_label_weight=0.5, reduction="none"
+        )
+    )(bad)
+    assert np.isnan(out[3]) and np.isfinite(np.delete(np.asarray(out), 3)).all()
+    total = jax.jit(
+        lambda y: linear_distillation_loss(x, w, xt, wt, labels=y, hard_label_weight=0.5)
+    )
+    assert np.isnan(total(bad)) and np.isfinite(total(arr["labels"] % V))
+    # Labels only mark ignored tokens without the hard term: no range check.
+    linear_distillation_loss(x, w, xt, wt, labels=bad, ignore_index=V)
+    cases = [
+        (dict(beta=1.0, divergence="jsd"), ValueError, r"`beta` must be in \(0.0, 1.0\)"),
+        (dict(beta=0.0), ValueError, r"`beta` must be in \(0.0, 1.0\)"),
+        (dict(temperature=0.0), ValueError, r"`temperature` must be in \(0.0, inf\)"),
+        (dict(divergence="kl"), ValueError, "`divergence` must be one of"),
+        (dict(hard_label_weight=0.5), ValueError, "need `labels`"),
+        (dict(hard_label_weight=1.5, labels=arr["labels"]), ValueError, "`hard_label_weight`"),
+        (dict(teacher_logit_softcap=-1.0), ValueError, "`teacher_logit_softcap`"),
+        (dict(implementation="pallas_gpu"), NotImplementedError, "runs on"),
+        (dict(config=fusedloss.PallasGpuConfig()), TypeError, "`config` must be"),
+    ]
+    for kw, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            linear_distillation_loss(x, w, xt, wt, **kw)
+    with pytest.raises(ValueError, match=r"`teacher_w` must have shape \[Dt, V\].*V = 53"):
+        linear_distillation_loss(x, w, xt, wt[:, :50])
+    with pytest.raises(ValueError, match=r"`teacher_x` must have shape x.shape\[:-1\]"):
+        linear_distillation_loss(x, w, xt[:5], wt)
+    with pytest.raises(TypeError, match="`teacher_x` and `teacher_w` must have the same dtype"):
+        linear_distillation_loss(x, w, xt, wt.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="`teacher_bias` must have shape"):
+        linear_distillation_loss(x, w, xt, wt, teacher_bias=arr["teacher_bias"][:3])
+
+
+@pytest.mark.parametrize("impl", ["reference", "recompute"])
+def test_empty_batch(impl):
+    name, cfg = IMPLS[impl]
+    x, w = jnp.zeros((2, 0, D)), jnp.ones((D, V))
+    xt, wt = jnp.zeros((2, 0, DT)), jnp.ones((DT, V))
+    for reduction in ("mean", "sum", "none"):
+        f = functools.partial(
+            lambda x, w, r: linear_distillation_loss(
+                x, w, xt, wt, reduction=r, implementation=name, config=cfg
+            ),
+            r=reduction,
+        )
+        out = jax.jit(f)(x, w)
+        assert out.shape == ((2, 0) if reduction == "none" else ())
+        gx, gw = jax.grad(lambda x, w, f=f: jnp.sum(f(x, w)), (0, 1))(x, w)
+        assert gx.shape == x.shape and not np.any(np.asarray(gw))
+
+
+def test_bf16_inputs_give_float32_results():
+    arr = make(15)
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+    x, w, xt, wt = (bf(arr[k]) for k in ("x", "w", "xt", "wt"))
+    for strategy in ("grad_in_forward", "recompute"):
+        cfg = XlaConfig(strategy=strategy, **SMALL)
+        loss, (gx, gw) = jax.jit(
+            jax.value_and_grad(
+                lambda x, w, c=cfg: linear_distillation_loss(x, w, xt, wt, config=c), (0, 1)
+            )
+        )(x, w)
+        assert loss.dtype == jnp.float32 and gx.dtype == gw.dtype == jnp.bfloat16
+        want = linear_distillation_loss(*(jnp.asarray(a, jnp.float32) for a in (x, w, xt, wt)))
+        # The same bf16-rounded inputs, float32 arithmetic on both sides.
+        np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_memory_llama3_8b_student_70b_sized_teacher():
+    """Student D=4096, teacher Dt=8192, V=128256, N=8192, f32: value_and_grad within
+    1 GiB of temporaries (the materialized path holds two 4 GiB logits buffers), on
+    the default plan and on the recompute strategy (per-token losses)."""
+    s = jax.ShapeDtypeStruct
+    n, d, dt, v = 8192, 4096, 8192, 128256
+    args = (s((n, d), jnp.float32), s((d, v), jnp.float32))
+    args += (s((n, dt), jnp.float32), s((dt, v), jnp.float32))
+
+    def temp(**kw):
+        f = lambda x, w, xt, wt: jnp.sum(linear_distillation_loss(x, w, xt, wt, **kw))
+        c = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile()
+        return c.memory_analysis().temp_size_in_bytes
+
+    for kw in (dict(), dict(divergence="jsd", reduction="none")):
+        assert temp(**kw) <= 2**30, (kw, temp(**kw) / 2**20)
