@@ -1,35 +1,49 @@
-"""Data- and vocabulary-parallel ``linear_cross_entropy`` on a device mesh.
+"""Data- and vocabulary-parallel fused heads on a device mesh.
 
-Two entry points:
+Entry points:
 
 :func:`vocab_parallel_linear_cross_entropy`
     Called *inside* the user's ``jax.shard_map``: ``w`` is the device's ``[D, V/tp]``
     column shard (global ids ``k * V/tp ...`` on the ``k``-th device of the model axis),
     ``labels`` are global ids, and the tokens may be split over a data axis.
 
-:func:`sharded_linear_cross_entropy`
-    Takes global arrays (under ``jax.jit`` or eagerly), writes the ``shard_map``
-    for a ``data x model`` mesh and returns the same values as
-    :func:`~fusedloss.linear_cross_entropy` on one device.
+:func:`sharded_linear_cross_entropy` (and ``_log_probs``, ``_topk_distillation_loss``)
+    Take global arrays (under ``jax.jit`` or eagerly), write the ``shard_map``
+    for a ``data x model`` mesh and return the same values as
+    :func:`~fusedloss.linear_cross_entropy`, :func:`~fusedloss.linear_log_probs`
+    and :func:`~fusedloss.linear_topk_distillation_loss` on one device.
 
 How the vocabulary is split: every device computes its tokens' statistics over its
 own columns with the statistics core chosen for its chip (the Pallas kernels on GPU
 and TPU meshes, the chunked ``xla`` core elsewhere; never a ``[tokens, V/tp]``
-buffer), then the model axis combines them::
+buffer), then the model axis combines them (:func:`_global_stats`)::
 
-    lse         = m + log(psum(exp(lse_k - m))),  m = pmax(lse_k)  (a constant)
-    label_logit = psum(label_logit_k)             (0 on shards without the label)
-    sum_logits  = psum(sum_logits_k)              (label smoothing only)
+    lse            = m + log(psum(exp(lse_k - m))),  m = pmax(lse_k)  (a constant)
+    label_logit    = psum(label_logit_k)    ([N] or [N, K]; 0 on shards without the id)
+    sum_logits     = psum(sum_logits_k)     (label smoothing only)
+    expected_logit = psum(exp(lse_k - lse) * expected_logit_k)   (entropy only)
 
-and the cross-entropy head (:func:`._engine.cross_entropy_from_stats`) forms the loss with the
-global vocabulary size. JAX's autodiff through ``psum`` gives each shard its
-cotangents, so the gradients of ``x``, the ``w`` shard and the ``bias`` shard come
-out where they belong; nothing vocabulary-sized is ever gathered. Per device, the
-temporaries are those of a ``[tokens/dp, D] @ [D, V/tp]`` problem.
+and a head forms its outputs from them with the global vocabulary size. JAX's
+autodiff through ``psum`` gives each shard its cotangents, so the gradients of
+``x``, the ``w`` shard and the ``bias`` shard come out where they belong; nothing
+vocabulary-sized is ever gathered. Per device, the temporaries are those of a
+``[tokens/dp, D] @ [D, V/tp]`` problem.
 
 A reduced loss is reduced over the whole mesh: ``"mean"`` divides the psum over the
 data axis of the weighted per-token losses by the psum of the weights, so it is the
 global weighted mean, not a mean of per-device means.
+
+Adding a head: one ``shard_map`` writer, :func:`run_sharded`, serves every head. A
+head is a :class:`ShardedHead`: the statistics it wants (``hp``), a per-device
+``apply(tokens, stats, extras, ctx)`` from the prepared tokens and the student's
+global statistics to its outputs, and the ``out_specs`` of those outputs. Arrays
+other than ``x``, ``w``, ``labels``, ``bias``, ``where`` and ``weights`` are passed
+to :func:`run_sharded` as ``extras={name: Extra(array, role, axis)}``: role
+``"tokens"`` splits the first axis over the data axes (teacher ids, a teacher's
+hidden states), role ``"columns"`` splits ``axis`` over the model axes, padded like
+``w`` (a teacher's kernel or bias). ``ctx.stats`` gives the global statistics of
+another ``(x, w)`` pair over the same split vocabulary, and ``ctx.rows`` shifts and
+flattens a ``"tokens"`` extra like the labels (or like ``x``).
 """
 
 from __future__ import annotations
@@ -1026,8 +1040,8 @@ def sharded_linear_topk_distillation_loss(
       >>> teacher = jax.nn.log_softmax(jax.random.normal(kt, (4, 8, 1000)) * 3)
       >>> top_logp, top_ids = jax.lax.top_k(teacher, 64)
       >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
-      >>> loss = fusedloss.sharded_linear_topk_distillation_loss(
-      ...     x, w, top_ids, top_logp, mesh=mesh)
+      >>> loss = jax.jit(lambda x, w: fusedloss.sharded_linear_topk_distillation_loss(
+      ...     x, w, top_ids, top_logp, mesh=mesh))(x, w)
       >>> ref = fusedloss.linear_topk_distillation_loss(x, w, top_ids, top_logp)
       >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
       True
