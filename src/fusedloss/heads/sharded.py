@@ -291,7 +291,7 @@ class Extra(NamedTuple):
 class ShardContext(NamedTuple):
     """What a head's per-device function knows about the sharded call."""
 
-    data: tuple[str, ...]  # the mesh axes the tokens are split over (bound, size > 1)
+    data: tuple[str, ...]  # the mesh axes the tokens are split over (reduce over them)
     model: tuple[str, ...]  # the mesh axes the vocabulary is split over
     vocab_size: int  # the global V (without padding)
     shift: int
