@@ -39,6 +39,12 @@ from fusedloss.heads.sharded import (
     sharded_linear_cross_entropy as sharded_linear_cross_entropy,
 )
 from fusedloss.heads.sharded import (
+    sharded_linear_log_probs as sharded_linear_log_probs,
+)
+from fusedloss.heads.sharded import (
+    sharded_linear_topk_distillation_loss as sharded_linear_topk_distillation_loss,
+)
+from fusedloss.heads.sharded import (
     vocab_parallel_linear_cross_entropy as vocab_parallel_linear_cross_entropy,
 )
 from fusedloss.heads.transposed import Transposed as Transposed
@@ -97,6 +103,8 @@ __all__ = [
     "reduce_loss",
     "safe_softmax_cross_entropy",
     "sharded_linear_cross_entropy",
+    "sharded_linear_log_probs",
+    "sharded_linear_topk_distillation_loss",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
     "smooth_labels",

@@ -101,16 +101,11 @@ def linear_cross_entropy(
     split = None if implementation == "reference" else sharded.explicit_split(args)
     if split is not None:  # inputs split over Explicit mesh axes: run per shard
         mesh, data, model = split
+        head = sharded.cross_entropy_head(
+            hp, reduction=reduction, ignore_index=ignore_index, return_aux=return_aux
+        )
         return sharded.run_sharded(
-            args,
-            hp,
-            mesh,
-            data,
-            model,
-            **kw,
-            return_aux=return_aux,
-            implementation=implementation,
-            config=config,
+            args, head, mesh, data, model, shift=shift, implementation=implementation, config=config
         )
     tokens = prepare_tokens(
         args.x, args.labels, args.where, args.weights, vocab_size=args.vocab_size, **kw

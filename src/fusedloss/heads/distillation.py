@@ -21,7 +21,7 @@ import numpy as np
 
 from fusedloss import _ce_math, _checks
 from fusedloss.heads import _distill
-from fusedloss.heads._engine import Hyper
+from fusedloss.heads._engine import Hyper, TokenStats
 from fusedloss.heads._registry import run_stats
 from fusedloss.heads._tokens import (
     Tokens,
@@ -34,7 +34,7 @@ from fusedloss.heads._tokens import (
 from fusedloss.heads.transposed import Transposed
 
 
-def _check_teacher(teacher_ids, teacher_log_probs, token_shape):
+def check_teacher(teacher_ids, teacher_log_probs, token_shape):
     _checks.check_integer("teacher_ids", teacher_ids)
     _checks.check_floating("teacher_log_probs", teacher_log_probs)
     ids, logp = jnp.asarray(teacher_ids), jnp.asarray(teacher_log_probs)
@@ -47,7 +47,7 @@ def _check_teacher(teacher_ids, teacher_log_probs, token_shape):
     return ids, logp
 
 
-def _check_ids_eagerly(ids, valid, vocab_size: int) -> None:
+def check_ids_eagerly(ids, valid, vocab_size: int) -> None:
     """Concrete ids of included tokens: in ``[0, V)`` and distinct per token."""
     if not (_checks.is_concrete(ids) and _checks.is_concrete(valid)):
         return
@@ -73,6 +73,14 @@ def topk_kl(log_ps, teacher_log_probs):
     inside = jnp.sum(jnp.where(pt > 0, pt * (teacher_log_probs - log_ps), 0.0), axis=-1)
     rest = jnp.where(rt > 0, rt * (jnp.log(jnp.where(rt > 0, rt, 1.0)) - log_rs), 0.0)
     return inside + rest
+
+
+def topk_loss_from_stats(stats: TokenStats, tokens: Tokens, ids, teacher_log_probs, vocab_size):
+    """The coef-weighted per-token top-K loss ``[N]`` from the student's statistics at
+    the ``[N, K]`` ``ids`` (shared with the sharded call)."""
+    kl = topk_kl(stats.label_logit - stats.lse[:, None], teacher_log_probs)
+    bad = jnp.any(~_ce_math.label_in_range(ids, vocab_size), axis=-1)
+    return jnp.where(tokens.valid, jnp.where(bad, jnp.nan, kl) * tokens.coef, 0.0)
 
 
 def linear_topk_distillation_loss(
@@ -132,7 +140,7 @@ def linear_topk_distillation_loss(
       ((), True)
     """
     x_arr = jnp.asarray(x)
-    ids, tlp = _check_teacher(teacher_ids, teacher_log_probs, x_arr.shape[:-1])
+    ids, tlp = check_teacher(teacher_ids, teacher_log_probs, x_arr.shape[:-1])
     args = check_head_args(x, w, ids[..., 0], bias, where, weights, "[V], V = w.shape[1]")
     base = check_options(reduction, 0.0, 0.0, logit_softcap, None, shift)
     temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
@@ -154,14 +162,12 @@ def linear_topk_distillation_loss(
         ids, tlp = ids[..., shift:, :], tlp[..., shift:, :]
     ids = ids.reshape(-1, k).astype(jnp.int32)
     tlp = jax.lax.stop_gradient(tlp.reshape(-1, k).astype(tokens.coef.dtype))
-    _check_ids_eagerly(ids, tokens.valid, args.vocab_size)
+    check_ids_eagerly(ids, tokens.valid, args.vocab_size)
     stats, _ = run_stats(
         tokens._replace(labels=ids), args.w, args.w_vd, args.bias, hp,
         implementation=implementation, config=config,
     )  # fmt: skip
-    kl = topk_kl(stats.label_logit - stats.lse[:, None], tlp)
-    bad = jnp.any(~_ce_math.label_in_range(ids, args.vocab_size), axis=-1)
-    loss = jnp.where(tokens.valid, jnp.where(bad, jnp.nan, kl) * tokens.coef, 0.0)
+    loss = topk_loss_from_stats(stats, tokens, ids, tlp, args.vocab_size)
     if reduction == "none":
         return loss.reshape(tokens.shape).astype(args.x.dtype)
     return jnp.sum(loss)

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from fusedloss import _ce_math
-from fusedloss.heads._engine import Hyper
+from fusedloss.heads._engine import Hyper, TokenStats
 from fusedloss.heads._registry import run_stats
 from fusedloss.heads._tokens import (
+    Tokens,
     check_head_args,
     check_options,
     check_shift,
@@ -110,9 +111,16 @@ def linear_log_probs(
     stats, _ = run_stats(
         tokens, args.w, args.w_vd, args.bias, hp, implementation=implementation, config=config
     )
-    valid, v = tokens.valid, args.vocab_size
+    return log_probs_from_stats(stats, tokens, args.vocab_size, return_entropy)
+
+
+def log_probs_from_stats(
+    stats: TokenStats, tokens: Tokens, vocab_size: int, return_entropy: bool
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The log-probs head on the engine's statistics (shared with the sharded call)."""
+    valid = tokens.valid
     logp = jnp.where(valid, stats.label_logit - stats.lse, 0.0)
-    logp = _ce_math.nan_if_bad_label(logp, tokens.labels, v, valid).reshape(tokens.shape)
+    logp = _ce_math.nan_if_bad_label(logp, tokens.labels, vocab_size, valid).reshape(tokens.shape)
     if not return_entropy:
         return logp
     entropy = jnp.where(valid, stats.lse - stats.expected_logit, 0.0)

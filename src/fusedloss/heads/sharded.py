@@ -1,41 +1,56 @@
-"""Data- and vocabulary-parallel ``linear_cross_entropy`` on a device mesh.
+"""Data- and vocabulary-parallel fused heads on a device mesh.
 
-Two entry points:
+Entry points:
 
 :func:`vocab_parallel_linear_cross_entropy`
     Called *inside* the user's ``jax.shard_map``: ``w`` is the device's ``[D, V/tp]``
     column shard (global ids ``k * V/tp ...`` on the ``k``-th device of the model axis),
     ``labels`` are global ids, and the tokens may be split over a data axis.
 
-:func:`sharded_linear_cross_entropy`
-    Takes global arrays (under ``jax.jit`` or eagerly), writes the ``shard_map``
-    for a ``data x model`` mesh and returns the same values as
-    :func:`~fusedloss.linear_cross_entropy` on one device.
+:func:`sharded_linear_cross_entropy` (and ``_log_probs``, ``_topk_distillation_loss``)
+    Take global arrays (under ``jax.jit`` or eagerly), write the ``shard_map``
+    for a ``data x model`` mesh and return the same values as
+    :func:`~fusedloss.linear_cross_entropy`, :func:`~fusedloss.linear_log_probs`
+    and :func:`~fusedloss.linear_topk_distillation_loss` on one device.
 
 How the vocabulary is split: every device computes its tokens' statistics over its
 own columns with the statistics core chosen for its chip (the Pallas kernels on GPU
 and TPU meshes, the chunked ``xla`` core elsewhere; never a ``[tokens, V/tp]``
-buffer), then the model axis combines them::
+buffer), then the model axis combines them (:func:`_global_stats`)::
 
-    lse         = m + log(psum(exp(lse_k - m))),  m = pmax(lse_k)  (a constant)
-    label_logit = psum(label_logit_k)             (0 on shards without the label)
-    sum_logits  = psum(sum_logits_k)              (label smoothing only)
+    lse            = m + log(psum(exp(lse_k - m))),  m = pmax(lse_k)  (a constant)
+    label_logit    = psum(label_logit_k)    ([N] or [N, K]; 0 on shards without the id)
+    sum_logits     = psum(sum_logits_k)     (label smoothing only)
+    expected_logit = psum(exp(lse_k - lse) * expected_logit_k)   (entropy only)
 
-and the cross-entropy head (:func:`._engine.cross_entropy_from_stats`) forms the loss with the
-global vocabulary size. JAX's autodiff through ``psum`` gives each shard its
-cotangents, so the gradients of ``x``, the ``w`` shard and the ``bias`` shard come
-out where they belong; nothing vocabulary-sized is ever gathered. Per device, the
-temporaries are those of a ``[tokens/dp, D] @ [D, V/tp]`` problem.
+and a head forms its outputs from them with the global vocabulary size. JAX's
+autodiff through ``psum`` gives each shard its cotangents, so the gradients of
+``x``, the ``w`` shard and the ``bias`` shard come out where they belong; nothing
+vocabulary-sized is ever gathered. Per device, the temporaries are those of a
+``[tokens/dp, D] @ [D, V/tp]`` problem.
 
 A reduced loss is reduced over the whole mesh: ``"mean"`` divides the psum over the
 data axis of the weighted per-token losses by the psum of the weights, so it is the
 global weighted mean, not a mean of per-device means.
+
+Adding a head: one ``shard_map`` writer, :func:`run_sharded`, serves every head. A
+head is a :class:`ShardedHead`: the statistics it wants (``hp``), a per-device
+``apply(tokens, stats, extras, ctx)`` from the prepared tokens and the student's
+global statistics to its outputs, and the ``out_specs`` of those outputs. Arrays
+other than ``x``, ``w``, ``labels``, ``bias``, ``where`` and ``weights`` are passed
+to :func:`run_sharded` as ``extras={name: Extra(array, role, axis)}``: role
+``"tokens"`` splits the first axis over the data axes (teacher ids, a teacher's
+hidden states), role ``"columns"`` splits ``axis`` over the model axes, padded like
+``w`` (a teacher's kernel or bias). ``ctx.stats`` gives the global statistics of
+another ``(x, w)`` pair over the same split vocabulary, and ``ctx.rows`` shifts and
+flattens a ``"tokens"`` extra like the labels (or like ``x``).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,13 +72,17 @@ from fusedloss.heads._registry import candidates, check_config, choose_for, disp
 from fusedloss.heads._targets import mesh_target
 from fusedloss.heads._tokens import (
     HeadArgs,
+    Tokens,
     check_head_args,
     check_label_values,
     check_options,
     check_shift,
     prepare_tokens,
     psum_over,
+    static_float,
 )
+from fusedloss.heads.distillation import check_ids_eagerly, check_teacher, topk_loss_from_stats
+from fusedloss.heads.log_probs import log_probs_from_stats
 from fusedloss.heads.transposed import Transposed
 
 AxisName = str | tuple[str, ...]
@@ -138,16 +157,19 @@ def _pmin(v, axes: tuple[str, ...]):
     return v
 
 
-def _empty_stats(labels, dtype) -> TokenStats:
+def _empty_stats(labels, dtype, hp: Hyper) -> TokenStats:
     # In the cores' accumulation dtype (float64 for float64 inputs), so that a shard
     # without columns or tokens meets the other shards' statistics without promotion.
+    # ``labels`` is [N], or [N, K] ids (``hp.picked``): their logits are 0 here.
     acc = _ce_math.acc_dtype(dtype)
+    rows = labels if labels.ndim == 1 else labels[:, 0]
     return TokenStats(
-        lse=jnp.full_like(labels, -jnp.inf, dtype=acc),
+        lse=jnp.full_like(rows, -jnp.inf, dtype=acc),
         label_logit=jnp.zeros_like(labels, dtype=acc),
-        sum_logits=jnp.zeros_like(labels, dtype=acc),
-        max_logit=jnp.full_like(labels, -jnp.inf, dtype=acc),
-        argmax=jnp.zeros_like(labels, dtype=jnp.int32),
+        sum_logits=jnp.zeros_like(rows, dtype=acc),
+        max_logit=jnp.full_like(rows, -jnp.inf, dtype=acc),
+        argmax=jnp.zeros_like(rows, dtype=jnp.int32),
+        expected_logit=jnp.zeros_like(rows, dtype=acc) if hp.entropy else None,
     )
 
 
@@ -155,7 +177,7 @@ def _shard_stats(x, w, bias, labels, valid, offset, *, width, w_vd, hp, implemen
     """Statistics over the first ``width`` columns of the shard (the rest is padding),
     with the statistics core chosen for the mesh's chip; (stats, its name)."""
     if width == 0:
-        return _empty_stats(labels, x.dtype), "none"
+        return _empty_stats(labels, x.dtype, hp), "none"
     v_local = w.shape[0] if w_vd else w.shape[1]
     if width < v_local:
         w = w[:width] if w_vd else w[:, :width]
@@ -164,7 +186,7 @@ def _shard_stats(x, w, bias, labels, valid, offset, *, width, w_vd, hp, implemen
 
     def run(choice):
         if x.shape[0] == 0:
-            return _empty_stats(labels, x.dtype)
+            return _empty_stats(labels, x.dtype, hp)
         with jax.named_scope(f"fusedloss_{choice.name}"):
             return choice.backend.stats(x, w, bias, labels, valid, offset, hp, choice.plan)
 
@@ -208,13 +230,23 @@ def _global_stats(x, w, bias, labels, valid, *, w_vd, hp, impl, vocab_size, mode
     m = _pmax(jax.lax.stop_gradient(local.lse), model)
     m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
     lse = _ce_math.lse_finalize(m, psum_over(jnp.exp(local.lse - m_safe), model))
+    # The label's logit, or [N, K] ids' logits: each shard gives 0 for ids outside its
+    # (real) columns, so the sum is the logit of the one shard holding the id.
     label_logit = psum_over(local.label_logit, model)
     sum_logits = psum_over(local.sum_logits, model) if hp.need_sum else local.sum_logits
+    expected = None
+    if hp.entropy:
+        # E_p[s] = sum_k P(shard k) E_{p_k}[s], P(shard k) = exp(lse_k - lse): 0 on a
+        # shard without columns (lse_k = -inf), whose expectation is then unused.
+        share = jnp.exp(local.lse - lse)
+        inner = jnp.where(jnp.isneginf(local.lse), 0.0, local.expected_logit)
+        expected = psum_over(share * inner, model)
     # Argmax: the smallest global id reaching the global max (as jnp.argmax does).
     local_max = jax.lax.stop_gradient(local.max_logit)
     best = _pmax(local_max, model)
     cand = jnp.where(local_max == best, local.argmax, jnp.iinfo(jnp.int32).max)
-    return TokenStats(lse, label_logit, sum_logits, best, _pmin(cand, model)), name
+    argmax = _pmin(cand, model)
+    return TokenStats(lse, label_logit, sum_logits, best, argmax, expected), name
 
 
 def _check_sharded_over(name: str, v, axes: tuple[str, ...], spec: str) -> None:
@@ -229,21 +261,158 @@ def _check_sharded_over(name: str, v, axes: tuple[str, ...], spec: str) -> None:
             )
 
 
+# --------------------------------------------------------------------------------------
+# heads on the sharded engine
+# --------------------------------------------------------------------------------------
+
+
+class Extra(NamedTuple):
+    """An array a sharded head needs besides ``x``, ``w``, ``labels``, ``bias``,
+    ``where`` and ``weights``, with the role that says how it is split.
+
+    Attributes:
+      array: the global array (checked by the caller).
+      role: ``"tokens"``: laid out like the tokens, ``array.shape[:labels.ndim] ==
+        labels.shape`` (e.g. teacher ids ``[..., K]`` or a teacher's hidden states
+        ``[..., Dt]``); its first axis is split over the data axes, like ``x``.
+        ``"columns"``: indexed by vocabulary id along ``axis`` (size ``V``; e.g. a
+        teacher's ``[Dt, V]`` kernel with ``axis=1``, its ``[V, Dt]`` embedding or
+        ``[V]`` bias with ``axis=0``); that axis is split over the model axes, like
+        the columns of ``w``, and zero-padded like ``w`` when the model axis does not
+        divide ``V``.
+      axis: the vocabulary axis of a ``"columns"`` array (ignored for ``"tokens"``).
+    """
+
+    array: jax.Array
+    role: Literal["tokens", "columns"]
+    axis: int = 0
+
+
+class ShardContext(NamedTuple):
+    """What a head's per-device function knows about the sharded call."""
+
+    data: tuple[str, ...]  # the mesh axes the tokens are split over (reduce over them)
+    model: tuple[str, ...]  # the mesh axes the vocabulary is split over
+    vocab_size: int  # the global V (without padding)
+    shift: int
+    implementation: str  # the statistics core that ran on this device
+    # stats(x, w, bias, labels, valid, hp, w_vd=False) -> (TokenStats, core name): the
+    # statistics of another head over the same model-sharded vocabulary (a teacher's
+    # [N, Dt] rows against its "columns" kernel shard), combined like the student's.
+    stats: Callable[..., tuple[TokenStats, str]]
+
+    def rows(self, a: jax.Array, *, trailing: int = 0, predictor: bool = False) -> jax.Array:
+        """A local ``"tokens"`` array, shifted and flattened to ``[N, *trailing dims]``:
+        like the labels (``a[..., shift:, ...]``), or like ``x`` when ``predictor``
+        (``a[..., :-shift, ...]``, e.g. a teacher's hidden states with ``trailing=1``)."""
+        t = a.ndim - 1 - trailing
+        if self.shift:
+            cut = slice(None, -self.shift) if predictor else slice(self.shift, None)
+            a = a[(slice(None),) * t + (cut,)]
+        return a.reshape((-1, *a.shape[t + 1 :]))
+
+
+class ShardedHead(NamedTuple):
+    """A fused head's part of a sharded call: what :func:`run_sharded` (and the
+    in-shard entry) run on every device after the student's global statistics.
+
+    Attributes:
+      hp: the statistics wanted of the student's row (temperature, entropy, K ids).
+      apply: ``apply(tokens, stats, extras, ctx) -> outputs`` on one device:
+        ``tokens`` the prepared local :class:`~._tokens.Tokens`, ``stats`` the
+        student's :class:`~._engine.TokenStats` over the whole vocabulary, ``extras``
+        the local shards of the :class:`Extra` arrays by name, ``ctx`` a
+        :class:`ShardContext`. Reduced outputs are summed over ``ctx.data`` here.
+      out_specs: ``out_specs(token_spec, implementation) -> PartitionSpec pytree`` of
+        ``apply``'s outputs; ``token_spec`` splits per-token outputs like the tokens.
+      reduction: the reduction whose per-token coefficients ``tokens.coef`` holds.
+      ignore_index: labels equal to it are excluded from ``tokens.valid``.
+      stat_labels: ``stat_labels(tokens, extras, ctx) -> [N] or [N, K] int32`` ids
+        whose logits ``stats.label_logit`` holds; default ``tokens.labels``.
+    """
+
+    hp: Hyper
+    apply: Callable[[Tokens, TokenStats, Mapping[str, jax.Array], ShardContext], Any]
+    out_specs: Callable[[P, str], Any]
+    reduction: str = "none"
+    ignore_index: int | None = None
+    stat_labels: Callable[[Tokens, Mapping[str, jax.Array], ShardContext], jax.Array] | None = None
+
+
+def cross_entropy_head(
+    hp: Hyper, *, reduction: str, ignore_index: int | None, return_aux: bool
+) -> ShardedHead:
+    """``linear_cross_entropy`` (and its aux outputs) as a :class:`ShardedHead`."""
+    per_token = reduction == "none"
+
+    def apply(tokens, stats, extras, ctx):
+        out: HeadOutput = cross_entropy_from_stats(
+            stats, tokens.labels, tokens.valid, tokens.coef, hp, ctx.vocab_size, per_token
+        )
+        return finish(
+            out,
+            tokens,
+            ctx.implementation,
+            per_token=per_token,
+            dtype=tokens.x.dtype,
+            return_aux=return_aux,
+            data_axes=ctx.data,
+        )
+
+    def out_specs(tok: P, implementation: str):
+        loss_spec = tok if per_token else P()
+        if not return_aux:
+            return loss_spec
+        aux = LinearCrossEntropyAux(
+            lse=tok, correct=tok, num_tokens=P(), weight_sum=P(), implementation=implementation
+        )
+        return loss_spec, aux
+
+    return ShardedHead(hp, apply, out_specs, reduction, ignore_index)
+
+
+def log_probs_head(hp: Hyper, *, return_entropy: bool) -> ShardedHead:
+    """``linear_log_probs`` as a :class:`ShardedHead` (per-token outputs only)."""
+
+    def apply(tokens, stats, extras, ctx):
+        return log_probs_from_stats(stats, tokens, ctx.vocab_size, return_entropy)
+
+    return ShardedHead(hp, apply, lambda tok, _: (tok, tok) if return_entropy else tok)
+
+
+def topk_distillation_head(hp: Hyper, *, reduction: str) -> ShardedHead:
+    """``linear_topk_distillation_loss`` as a :class:`ShardedHead`; its extras are the
+    ``"tokens"`` arrays ``teacher_ids`` and ``teacher_log_probs`` (``[..., K]``)."""
+
+    def ids(tokens, extras, ctx):
+        return ctx.rows(extras["teacher_ids"], trailing=1).astype(jnp.int32)
+
+    def apply(tokens, stats, extras, ctx):
+        tlp = ctx.rows(extras["teacher_log_probs"], trailing=1).astype(tokens.coef.dtype)
+        ids_ = ids(tokens, extras, ctx)
+        loss = topk_loss_from_stats(stats, tokens, ids_, jax.lax.stop_gradient(tlp), ctx.vocab_size)
+        if reduction == "none":
+            return loss.reshape(tokens.shape).astype(tokens.x.dtype)
+        return psum_over(jnp.sum(loss), ctx.data)
+
+    out_specs = lambda tok, _: tok if reduction == "none" else P()
+    return ShardedHead(hp, apply, out_specs, reduction, None, ids)
+
+
 def _shard_body(
     args: HeadArgs,
-    hp: Hyper,
+    head: ShardedHead,
     *,
     data: tuple[str, ...],
     model: tuple[str, ...],
     vocab_size: int | None,
-    ignore_index,
-    reduction: str,
     shift: int,
-    return_aux: bool,
     implementation,
     config,
+    extras: Mapping[str, jax.Array] | None = None,
 ):
-    """One device's part of a sharded call (inside ``shard_map``)."""
+    """One device's part of a sharded call (inside ``shard_map``): the tokens, the
+    student's statistics over the whole vocabulary, then ``head.apply``."""
     tp = _bound_axis_size("model_axis", model)
     _bound_axis_size("data_axis", data)
     v_local = args.vocab_size
@@ -263,39 +432,28 @@ def _shard_body(
         args.where,
         args.weights,
         shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
+        ignore_index=head.ignore_index,
+        reduction=head.reduction,
         vocab_size=vocab_size,
         data_axes=data,
         check_labels=False,
     )
-    per_token = reduction == "none"
+    extras = dict(extras or {})
+    impl = dict(implementation=implementation, config=config)
+
+    def stats(x, w, bias, labels, valid, hp: Hyper, w_vd: bool = False):
+        return _global_stats(
+            x, w, bias, labels, valid, w_vd=w_vd, hp=hp, impl=impl,
+            vocab_size=vocab_size, model=model, tp=tp,
+        )  # fmt: skip
+
+    ctx = ShardContext(data, model, vocab_size, shift, "", stats)
     with jax.named_scope("fusedloss_sharded"):
-        stats, name = _global_stats(
-            tokens.x,
-            args.w,
-            args.bias,
-            tokens.labels,
-            tokens.valid,
-            w_vd=args.w_vd,
-            hp=hp,
-            impl=dict(implementation=implementation, config=config),
-            vocab_size=vocab_size,
-            model=model,
-            tp=tp,
-        )
-        out: HeadOutput = cross_entropy_from_stats(
-            stats, tokens.labels, tokens.valid, tokens.coef, hp, vocab_size, per_token
-        )
-    return finish(
-        out,
-        tokens,
-        name,
-        per_token=per_token,
-        dtype=args.x.dtype,
-        return_aux=return_aux,
-        data_axes=data,
-    )
+        labels = tokens.labels
+        if head.stat_labels is not None:
+            labels = head.stat_labels(tokens, extras, ctx)
+        student, name = stats(tokens.x, args.w, args.bias, labels, tokens.valid, head.hp, args.w_vd)
+        return head.apply(tokens, student, extras, ctx._replace(implementation=name))
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -406,16 +564,16 @@ def vocab_parallel_linear_cross_entropy(
     hp = check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift)
     check_shift(args.x, shift)
     data, model = _check_distinct(data_axis, model_axis)
+    head = cross_entropy_head(
+        hp, reduction=reduction, ignore_index=ignore_index, return_aux=return_aux
+    )
     return _shard_body(
         args,
-        hp,
+        head,
         data=data,
         model=model,
         vocab_size=vocab_size,
-        ignore_index=ignore_index,
-        reduction=reduction,
         shift=shift,
-        return_aux=return_aux,
         implementation=implementation,
         config=config,
     )
@@ -490,22 +648,52 @@ def _per_shard_name(
     return choose_for(names, explicit, config, problem, mesh_target(mesh)).name
 
 
+def _check_extras(extras: Mapping[str, Extra], labels, vocab_size: int) -> None:
+    for name, e in extras.items():
+        if name in _RESERVED:
+            raise ValueError(f"An extra array must not be named {name!r}.")
+        a = e.array
+        if e.role == "tokens":
+            if a.shape[: labels.ndim] != labels.shape:
+                raise ValueError(
+                    f"`{name}` must have shape labels.shape + (...) = {labels.shape} + (...), "
+                    f"got {a.shape}."
+                )
+        elif e.role == "columns":
+            if not -a.ndim <= e.axis < a.ndim or a.shape[e.axis] != vocab_size:
+                raise ValueError(
+                    f"`{name}` must have V = {vocab_size} entries along axis {e.axis}, "
+                    f"got shape {a.shape}."
+                )
+        else:
+            raise ValueError(f"The role of `{name}` must be 'tokens' or 'columns', got {e.role!r}.")
+
+
+_RESERVED = frozenset({"x", "w", "labels", "bias", "where", "weights"})
+
+
 def run_sharded(
     args: HeadArgs,
-    hp: Hyper,
+    head: ShardedHead,
     mesh,
     data: tuple[str, ...],
     model: tuple[str, ...],
     *,
-    ignore_index,
-    reduction: str,
     shift: int,
-    return_aux: bool,
     implementation,
     config,
+    extras: Mapping[str, Extra] | None = None,
 ):
-    """Writes the ``shard_map`` of a sharded call over global (checked) arrays."""
+    """Writes the ``shard_map`` of a sharded call over global (checked) arrays.
+
+    ``x``, ``labels``, ``where``, ``weights`` and the ``"tokens"`` extras are split
+    over the ``data`` axes (their first axis), the columns of ``w``, ``bias`` and the
+    ``"columns"`` extras over the ``model`` axes (padded to a multiple of the model
+    axis size if needed); every device runs ``head`` (:func:`_shard_body`) on its
+    shards, and ``head.out_specs`` says how its outputs are laid out.
+    """
     x, labels = args.x, args.labels
+    extras = dict(extras or {})
     dp = _axes_size(mesh, "data_axis", data)
     tp = _axes_size(mesh, "model_axis", model)
     if x.ndim < 2 and dp > 1:
@@ -524,19 +712,23 @@ def run_sharded(
             f"`shift`={shift} with `data_axis`={data!r} of size {dp} needs `x` of shape "
             f"[B, T, D] (the batch axis is split, the shifted one is not), got {x.shape}."
         )
-    # The per-device core's choice (and the config's fit) is settled before tracing it.
-    impl_name = _per_shard_name(args, hp, mesh, dp, tp, implementation, config)
     v = args.vocab_size
+    _check_extras(extras, labels, v)
+    # The per-device core's choice (and the config's fit) is settled before tracing it.
+    impl_name = _per_shard_name(args, head.hp, mesh, dp, tp, implementation, config)
     labels_s = labels[..., shift:]
     valid = jnp.ones(labels_s.shape, bool) if args.where is None else args.where[..., shift:]
-    check_label_values(labels_s, valid, v, ignore_index)
+    check_label_values(labels_s, valid, v, head.ignore_index)
     v_pad = cdiv(v, tp) * tp
-    w, bias = args.w, args.bias
+
+    def pad_columns(a, axis: int):
+        if a is None or v_pad == v:
+            return a
+        return jnp.pad(a, [(0, v_pad - v) if d == axis % a.ndim else (0, 0) for d in range(a.ndim)])
+
     # Tied embeddings travel as the [V, D] embedding, split by rows: no copy of w.
     vocab_axis = 0 if args.w_vd else 1
-    if v_pad != v:
-        w = jnp.pad(w, [(0, v_pad - v) if a == vocab_axis else (0, 0) for a in range(2)])
-        bias = None if bias is None else jnp.pad(bias, (0, v_pad - v))
+    w, bias = pad_columns(args.w, vocab_axis), pad_columns(args.bias, 0)
 
     # The shard_map is manual over the data and model axes. A replicated input's
     # gradient is summed over the manual axes its spec leaves out, so the size-1 axes
@@ -555,8 +747,12 @@ def run_sharded(
         data = model = split_data = split_model = ()
     idle = tuple(a for a in data + model if mesh.shape[a] == 1)
     tok, col = _spec_axis(split_data + idle), _spec_axis(split_model + idle)
+
+    def columns_spec(ndim: int, axis: int):
+        return P(*(col if d == axis % ndim else None for d in range(ndim)))
+
     arrays = {"x": x, "w": w, "labels": labels}
-    specs = {"x": P(tok), "w": P(col, None) if args.w_vd else P(None, col), "labels": P(tok)}
+    specs = {"x": P(tok), "w": columns_spec(2, vocab_axis), "labels": P(tok)}
     for name, value, spec in (
         ("bias", bias, P(col)),
         ("where", args.where, P(tok)),
@@ -564,6 +760,12 @@ def run_sharded(
     ):
         if value is not None:
             arrays[name], specs[name] = value, spec
+    for name, e in extras.items():
+        if e.role == "tokens":
+            arrays[name], specs[name] = e.array, P(tok)
+        else:
+            arrays[name] = pad_columns(e.array, e.axis)
+            specs[name] = columns_spec(e.array.ndim, e.axis)
     if (data or model) and any(t == AxisType.Explicit for t in mesh.axis_types):
         arrays = {
             k: jax.sharding.reshard(a, NamedSharding(mesh, specs[k])) for k, a in arrays.items()
@@ -573,34 +775,20 @@ def run_sharded(
         local = HeadArgs(
             a["x"], a["w"], args.w_vd, a["labels"], a.get("bias"), a.get("where"), a.get("weights")
         )
-        out = _shard_body(
+        return _shard_body(
             local,
-            hp,
+            head,
             data=split_data,
             model=split_model,
             vocab_size=v,
-            ignore_index=ignore_index,
-            reduction=reduction,
             shift=shift,
-            return_aux=return_aux,
             implementation=implementation,
             config=config,
+            extras={name: a[name] for name in extras},
         )
-        return out
 
     if not data and not model:
         return body(arrays)
-    loss_spec = P(tok) if reduction == "none" else P()
-    out_specs: Any = loss_spec
-    if return_aux:
-        aux_spec = LinearCrossEntropyAux(
-            lse=P(tok),
-            correct=P(tok),
-            num_tokens=P(),
-            weight_sum=P(),
-            implementation=impl_name,
-        )
-        out_specs = (loss_spec, aux_spec)
     # check_vma=False: this shard_map is only ever differentiated from outside, where
     # JAX's transpose rules sum the cotangents of replicated inputs without needing
     # replication types.
@@ -608,7 +796,7 @@ def run_sharded(
         body,
         mesh=mesh,
         in_specs=(specs,),
-        out_specs=out_specs,
+        out_specs=head.out_specs(P(tok), impl_name),
         axis_names=frozenset(split_data + split_model + idle),
         check_vma=False,
     )
@@ -704,16 +892,184 @@ def sharded_linear_cross_entropy(
     hp = check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift)
     check_shift(args.x, shift)
     data, model = _check_distinct(data_axis, model_axis)
+    head = cross_entropy_head(
+        hp, reduction=reduction, ignore_index=ignore_index, return_aux=return_aux
+    )
     return run_sharded(
         args,
-        hp,
+        head,
         _mesh_or_context(mesh),
         data,
         model,
-        ignore_index=ignore_index,
-        reduction=reduction,
         shift=shift,
-        return_aux=return_aux,
         implementation=implementation,
         config=config,
+    )
+
+
+def sharded_linear_log_probs(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike | Transposed,
+    labels: jax.typing.ArrayLike,
+    *,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    data_axis: AxisName | None = "data",
+    model_axis: AxisName | None = "model",
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    shift: int = 0,
+    return_entropy: bool = False,
+    implementation: str | tuple[str, ...] | None = None,
+    config: Any = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""``linear_log_probs`` of global arrays, data- and vocabulary-parallel.
+
+    The ``jax.shard_map`` over ``mesh`` is written as in
+    :func:`sharded_linear_cross_entropy`: the first axis of ``x``, ``labels`` and
+    ``where`` is split over ``data_axis``, the columns of ``w`` and ``bias`` over
+    ``model_axis``. Per token, the model axis exchanges scalars only: the shards'
+    log-sum-exps, the label's logit and, for the entropy, each shard's expected logit
+    (``E[s] = sum_k exp(lse_k - lse) E_k[s]``).
+
+    Values and gradients (w.r.t. ``x``, ``w``, ``bias``, for any cotangents of both
+    outputs) equal :func:`~fusedloss.linear_log_probs` on one device.
+
+    Args:
+      x, w, labels, bias, where, temperature, logit_softcap, return_entropy: as in
+        :func:`~fusedloss.linear_log_probs`.
+      mesh, data_axis, model_axis: as in :func:`sharded_linear_cross_entropy`.
+      shift: as in :func:`~fusedloss.linear_log_probs`; with a data axis of size > 1
+        it needs ``x`` of shape ``[B, T, D]``.
+      implementation, config: the per-device statistics core.
+
+    Returns:
+      float32 log-probabilities with the (shifted) shape of ``labels``, split over
+      ``data_axis``, and the entropies if ``return_entropy``.
+
+    Examples:
+      On a mesh of one device (with 8 devices, ``jax.make_mesh((2, 4), ...)`` splits
+      the batch in 2 and the vocabulary in 4):
+
+      >>> import jax, jax.numpy as jnp
+      >>> import fusedloss
+      >>> kx, kw, kl = jax.random.split(jax.random.key(0), 3)
+      >>> x = jax.random.normal(kx, (4, 8, 16))  # [batch, seq, D]
+      >>> w = jax.random.normal(kw, (16, 1000)) / 4  # [D, V]
+      >>> tokens = jax.random.randint(kl, (4, 8), 0, 1000)
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> logp, ent = jax.jit(lambda x, w, t: fusedloss.sharded_linear_log_probs(
+      ...     x, w, t, mesh=mesh, temperature=0.7, return_entropy=True))(x, w, tokens)
+      >>> ref = fusedloss.linear_log_probs(x, w, tokens, temperature=0.7)
+      >>> bool(jnp.allclose(logp, ref, atol=1e-5)), ent.shape
+      (True, (4, 8))
+    """
+    args = check_head_args(x, w, labels, bias, where, None, "[V], V = w.shape[1]")
+    base = check_options("none", 0.0, 0.0, logit_softcap, None, shift)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"`return_entropy` must be a bool, got {return_entropy!r}.")
+    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
+    hp = Hyper(softcap=base.softcap, temperature=temp, entropy=return_entropy)
+    check_shift(args.x, shift)
+    data, model = _check_distinct(data_axis, model_axis)
+    head = log_probs_head(hp, return_entropy=return_entropy)
+    return run_sharded(
+        args,
+        head,
+        _mesh_or_context(mesh),
+        data,
+        model,
+        shift=shift,
+        implementation=implementation,
+        config=config,
+    )
+
+
+def sharded_linear_topk_distillation_loss(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike | Transposed,
+    teacher_ids: jax.typing.ArrayLike,
+    teacher_log_probs: jax.typing.ArrayLike,
+    *,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    data_axis: AxisName | None = "data",
+    model_axis: AxisName | None = "model",
+    temperature: float = 1.0,
+    bias: jax.typing.ArrayLike | None = None,
+    logit_softcap: float | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "mean",
+    shift: int = 0,
+    implementation: str | tuple[str, ...] | None = None,
+    config: Any = None,
+) -> jax.Array:
+    r"""``linear_topk_distillation_loss`` of global arrays, data- and vocabulary-parallel.
+
+    The ``jax.shard_map`` over ``mesh`` is written as in
+    :func:`sharded_linear_cross_entropy`; ``teacher_ids`` and ``teacher_log_probs``
+    are split over ``data_axis`` with the tokens. Every vocabulary shard gives the
+    student's logits at those of the K ids it holds (0 at the others), so the model
+    axis exchanges ``[tokens, K]`` logits and per-token log-sum-exps only.
+
+    Values and gradients (w.r.t. ``x``, ``w``, ``bias``) equal
+    :func:`~fusedloss.linear_topk_distillation_loss` on one device; a ``"mean"`` is
+    the weighted mean over the included tokens of the whole mesh.
+
+    Args:
+      x, w, teacher_ids, teacher_log_probs, temperature, bias, logit_softcap, where,
+        weights, reduction: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      mesh, data_axis, model_axis: as in :func:`sharded_linear_cross_entropy`.
+      shift: as in :func:`~fusedloss.linear_topk_distillation_loss`; with a data
+        axis of size > 1 it needs ``x`` of shape ``[B, T, D]``.
+      implementation, config: the per-device statistics core.
+
+    Returns:
+      The loss: per token (``x``'s dtype, split over ``data_axis``) for ``"none"``,
+      else a float32 scalar.
+
+    Examples:
+      On a mesh of one device (the same call runs on any ``data x model`` mesh):
+
+      >>> import jax, jax.numpy as jnp
+      >>> import fusedloss
+      >>> kx, kw, kt = jax.random.split(jax.random.key(0), 3)
+      >>> x = jax.random.normal(kx, (4, 8, 16))
+      >>> w = jax.random.normal(kw, (16, 1000)) / 4
+      >>> teacher = jax.nn.log_softmax(jax.random.normal(kt, (4, 8, 1000)) * 3)
+      >>> top_logp, top_ids = jax.lax.top_k(teacher, 64)
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> loss = jax.jit(lambda x, w: fusedloss.sharded_linear_topk_distillation_loss(
+      ...     x, w, top_ids, top_logp, mesh=mesh))(x, w)
+      >>> ref = fusedloss.linear_topk_distillation_loss(x, w, top_ids, top_logp)
+      >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
+      True
+    """
+    x_arr = jnp.asarray(x)
+    ids, tlp = check_teacher(teacher_ids, teacher_log_probs, x_arr.shape[:-1])
+    args = check_head_args(x, w, ids[..., 0], bias, where, weights, "[V], V = w.shape[1]")
+    base = check_options(reduction, 0.0, 0.0, logit_softcap, None, shift)
+    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
+    hp = Hyper(softcap=base.softcap, temperature=temp, picked=ids.shape[-1])
+    check_shift(args.x, shift)
+    data, model = _check_distinct(data_axis, model_axis)
+    k = ids.shape[-1]
+    ids_s = ids[..., shift:, :] if shift else ids
+    valid = jnp.ones(ids_s.shape[:-1], bool) if args.where is None else args.where[..., shift:]
+    check_ids_eagerly(ids_s.reshape(-1, k), valid.reshape(-1), args.vocab_size)
+    extras = {
+        "teacher_ids": Extra(ids, "tokens"),
+        "teacher_log_probs": Extra(tlp, "tokens"),
+    }
+    return run_sharded(
+        args,
+        topk_distillation_head(hp, reduction=reduction),
+        _mesh_or_context(mesh),
+        data,
+        model,
+        shift=shift,
+        implementation=implementation,
+        config=config,
+        extras=extras,
     )
