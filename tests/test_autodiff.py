@@ -36,6 +36,7 @@ NOT_STANDARD = {
     "linear_topk_distillation_loss",
     "objectives",
     "sharded_linear_cross_entropy",
+    "sharded_linear_distillation_loss",
     "sharded_linear_log_probs",
     "sharded_linear_topk_distillation_loss",
     "vocab_parallel_linear_cross_entropy",

@@ -39,6 +39,9 @@ from fusedloss.heads.sharded import (
     sharded_linear_cross_entropy as sharded_linear_cross_entropy,
 )
 from fusedloss.heads.sharded import (
+    sharded_linear_distillation_loss as sharded_linear_distillation_loss,
+)
+from fusedloss.heads.sharded import (
     sharded_linear_log_probs as sharded_linear_log_probs,
 )
 from fusedloss.heads.sharded import (
@@ -103,6 +106,7 @@ __all__ = [
     "reduce_loss",
     "safe_softmax_cross_entropy",
     "sharded_linear_cross_entropy",
+    "sharded_linear_distillation_loss",
     "sharded_linear_log_probs",
     "sharded_linear_topk_distillation_loss",
     "sigmoid_binary_cross_entropy",

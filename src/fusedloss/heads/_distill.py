@@ -69,6 +69,8 @@ class Distill(NamedTuple):
     hard: bool  # the hard-label cross-entropy is wanted
     vd: bool  # the student's w is stored as [V, D]
     teacher_vd: bool  # the teacher's w is stored as [V, Dt]
+    # Vocabulary shards: columns with global ids >= vocab_size are padding.
+    vocab_size: int | None = None
 
 
 class Head(NamedTuple):
@@ -226,6 +228,14 @@ def _blocks(student: Head, teacher: Head, x_blk, xt_blk, vstart, vc, dh: Distill
     return z, u
 
 
+def _columns(vstart, vnom, vc: int, offset, dh: Distill):
+    """The columns of a vocabulary chunk that count: not seen by an earlier (clamped)
+    chunk, and not padding past the vocabulary."""
+    cols = vstart + jnp.arange(vc, dtype=jnp.int32)
+    new = cols >= vnom
+    return new if dh.vocab_size is None else new & (cols + offset < dh.vocab_size)
+
+
 def _token_loop(n: int, tn: int, init, step):
     """Runs ``step(rows_slice, fresh_rows, carry_slices) -> new slices`` over token
     chunks of per-token carries (the last chunk clamped; its old rows kept)."""
@@ -295,7 +305,7 @@ def _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes):
             ms, ss, a_s, mt, st, a_t, m1, s1, lab = c
             vstart, vnom = _chunk_start(j, vc, v)
             z, u = _blocks(student, teacher, x_blk, xt_blk, vstart, vc, dh, dt)
-            new = ((vstart + jnp.arange(vc)) >= vnom)[None, :]
+            new = _columns(vstart, vnom, vc, offset, dh)[None, :]
             s, tt = jnp.where(new, z / t, -jnp.inf), jnp.where(new, u / t, -jnp.inf)
             diff = jnp.where(new, s - tt, 0.0)
             ms, (ss, a_s) = _online(ms, (ss, a_s), s, lambda e: (e, e * diff))
@@ -339,7 +349,7 @@ def _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes):
             jsd, k = c
             vstart, vnom = _chunk_start(j, vc, v)
             z, u = _blocks(student, teacher, x_blk, xt_blk, vstart, vc, dh, dt)
-            new = ((vstart + jnp.arange(vc)) >= vnom)[None, :]
+            new = _columns(vstart, vnom, vc, offset, dh)[None, :]
             lq, lp = z / t - ls_b, u / t - lt_b
             lm = jnp.logaddexp(lb + lp, lb1 + lq)
             kq = jnp.where(new, _xlogy_diff(jnp.exp(lq), lq, lm), 0.0)
@@ -388,7 +398,7 @@ def _recompute_backward(student, teacher, labels, valid, offset, sc, g_div, g_ce
         dx, dw, db = carry
         vstart, vnom = _chunk_start(j, vc, v)
         cols = vstart + jnp.arange(vc, dtype=jnp.int32)
-        new = cols >= vnom
+        new = _columns(vstart, vnom, vc, offset, dh)
 
         def t_body(i, inner):
             dx, dw_acc, db_acc = inner
@@ -447,6 +457,10 @@ def _recompute_fwd(student, teacher, labels, valid, offset, dh, plan, axes):
 
 def _recompute_bwd(dh, plan, axes, res, ct):
     student, teacher, labels, valid, offset, sc = res
+    # The forward's psum over the vocabulary shards, transposed: inside a shard_map
+    # with check_vma=False the cotangent of an output replicated over ``axes`` arrives
+    # split among them (``x``'s partial gradients are summed over them on the way out).
+    ct = tuple(psum_over(c, axes) for c in ct)
     d_student = _recompute_backward(student, teacher, labels, valid, offset, sc, *ct, dh, plan)
     return d_student, None, None, None, None
 
@@ -487,15 +501,23 @@ def plan_for(implementation, config, student: Head, dh: Distill, *, needs_stats:
 _NAMES = ("xla", "reference")
 
 
-def distillation_losses(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, choice):
+def distillation_losses(
+    student: Head, teacher: Head, labels, valid, coefs, dh: Distill, choice, *, offset=0, axes=()
+):
     """(per-token divergence, per-token cross-entropy, scalar ``coefs``-weighted sum or
-    None); differentiable w.r.t. the student only."""
+    None); differentiable w.r.t. the student only. With vocabulary shards (``w``'s
+    column ``j`` is id ``offset + j``, the rest on the shards of the mesh ``axes``)
+    the recompute strategy runs, whatever the plan."""
     name, plan = choice
     teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
     if student.x.shape[0] == 0:
         empty = jnp.zeros((0,), _ce_math.acc_dtype(student.x.dtype))
         return empty, empty, None
     with jax.named_scope(f"fusedloss_distillation_{name}"):
+        if axes:
+            offset = jnp.asarray(offset, jnp.int32)
+            div, ce = recompute_losses(student, teacher, labels, valid, offset, dh, plan, axes)
+            return div, ce, None
         if plan is None or plan.strategy == "materialized":
             return (*materialized_losses(student, teacher, labels, valid, dh), None)
         if plan.strategy == "grad_in_forward":

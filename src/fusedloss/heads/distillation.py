@@ -245,7 +245,9 @@ def _distill_options(divergence, beta, temperature, teacher_logit_softcap, label
     return beta, temp, t_cap, a
 
 
-def _finish(div, ce, total, tokens: Tokens, a: float, v: int, hard: bool, per_token: bool):
+def distillation_result(
+    div, ce, total, tokens: Tokens, a: float, v: int, hard: bool, per_token: bool
+):
     """(loss in the caller's token shape or reduced, divergence term, hard term)."""
     valid, coef = tokens.valid, tokens.coef
     bad = (~_ce_math.label_in_range(tokens.labels, v)) & valid if hard else None
@@ -337,37 +339,49 @@ def linear_distillation_loss(
       >>> bool(jnp.allclose(loss, kl, rtol=1e-5))
       True
     """
+    args, teacher, dh, a = check_distillation(
+        x, w, teacher_x, teacher_w, labels, bias=bias, teacher_bias=teacher_bias,
+        where=where, weights=weights, divergence=divergence, beta=beta,
+        temperature=temperature, logit_softcap=logit_softcap,
+        teacher_logit_softcap=teacher_logit_softcap, hard_label_weight=hard_label_weight,
+        ignore_index=ignore_index, reduction=reduction, shift=shift,
+    )  # fmt: skip
+    return _local_distillation(
+        args, teacher, dh, a, reduction=reduction, shift=shift, ignore_index=ignore_index,
+        return_aux=return_aux, implementation=implementation, config=config,
+    )  # fmt: skip
+
+
+def check_distillation(x, w, teacher_x, teacher_w, labels, *, bias, teacher_bias, where,
+                       weights, divergence, beta, temperature, logit_softcap,
+                       teacher_logit_softcap, hard_label_weight, ignore_index, reduction,
+                       shift):  # fmt: skip
+    """Checked arguments of a distillation call: (student HeadArgs, teacher Head with
+    the caller's token shape, static hyperparameters, hard-label weight)."""
     x_arr = jnp.asarray(x)
     lab = jnp.zeros(x_arr.shape[:-1], jnp.int32) if labels is None else labels
     args = check_head_args(x_arr, w, lab, bias, where, weights, "[V], V = w.shape[1]")
     base = check_options(reduction, 0.0, 0.0, logit_softcap, ignore_index, shift)
     teacher = _check_teacher_head(teacher_x, teacher_w, teacher_bias, args.x, args.vocab_size)
     beta, temp, t_cap, a = _distill_options(
-        divergence,
-        beta,
-        temperature,
-        teacher_logit_softcap,
-        labels,
-        hard_label_weight,
+        divergence, beta, temperature, teacher_logit_softcap, labels, hard_label_weight,
         ignore_index,
-    )
+    )  # fmt: skip
     check_shift(args.x, shift)
+    t_vd = isinstance(teacher_w, Transposed)
+    dh = _distill.Distill(divergence, beta, temp, base.softcap, t_cap, a > 0, args.w_vd, t_vd)
+    return args, teacher, dh, a
+
+
+def _local_distillation(args, teacher, dh, a, *, reduction, shift, ignore_index, return_aux,
+                        implementation, config):  # fmt: skip
+    """The distillation loss of one device's tokens over the whole vocabulary."""
     tokens = prepare_tokens(
         args.x, args.labels, args.where, args.weights, shift=shift, ignore_index=ignore_index,
         reduction=reduction, vocab_size=args.vocab_size, check_labels=a > 0,
     )  # fmt: skip
     tx = teacher.x[..., :-shift, :] if shift else teacher.x
     teacher = teacher._replace(x=tx.reshape(-1, tx.shape[-1]))
-    dh = _distill.Distill(
-        divergence,
-        beta,
-        temp,
-        base.softcap,
-        t_cap,
-        a > 0,
-        args.w_vd,
-        isinstance(teacher_w, Transposed),
-    )
     per_token = reduction == "none"
     student = _distill.Head(tokens.x, args.w, args.bias)
     choice = _distill.plan_for(implementation, config, student, dh, needs_stats=per_token)
@@ -375,7 +389,7 @@ def linear_distillation_loss(
     div, ce, total = _distill.distillation_losses(
         student, teacher, tokens.labels, tokens.valid, coefs, dh, choice
     )
-    loss, div_term, hard_term = _finish(
+    loss, div_term, hard_term = distillation_result(
         div, ce, total, tokens, a, args.vocab_size, dh.hard, per_token
     )
     if per_token:

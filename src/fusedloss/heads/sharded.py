@@ -59,6 +59,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fusedloss import _ce_math
+from fusedloss.heads import _distill
 from fusedloss.heads._ce_head import LinearCrossEntropyAux, finish
 from fusedloss.heads._engine import (
     HeadOutput,
@@ -81,7 +82,13 @@ from fusedloss.heads._tokens import (
     psum_over,
     static_float,
 )
-from fusedloss.heads.distillation import check_ids_eagerly, check_teacher, topk_loss_from_stats
+from fusedloss.heads.distillation import (
+    check_distillation,
+    check_ids_eagerly,
+    check_teacher,
+    distillation_result,
+    topk_loss_from_stats,
+)
 from fusedloss.heads.log_probs import log_probs_from_stats
 from fusedloss.heads.transposed import Transposed
 
@@ -300,6 +307,7 @@ class ShardContext(NamedTuple):
     # statistics of another head over the same model-sharded vocabulary (a teacher's
     # [N, Dt] rows against its "columns" kernel shard), combined like the student's.
     stats: Callable[..., tuple[TokenStats, str]]
+    args: HeadArgs | None = None  # the device's checked student arrays (w: its shard)
 
     def rows(self, a: jax.Array, *, trailing: int = 0, predictor: bool = False) -> jax.Array:
         """A local ``"tokens"`` array, shifted and flattened to ``[N, *trailing dims]``:
@@ -317,7 +325,8 @@ class ShardedHead(NamedTuple):
     in-shard entry) run on every device after the student's global statistics.
 
     Attributes:
-      hp: the statistics wanted of the student's row (temperature, entropy, K ids).
+      hp: the statistics wanted of the student's row (temperature, entropy, K ids),
+        or None for a head that computes its own from ``ctx.args`` (``stats`` None).
       apply: ``apply(tokens, stats, extras, ctx) -> outputs`` on one device:
         ``tokens`` the prepared local :class:`~._tokens.Tokens`, ``stats`` the
         student's :class:`~._engine.TokenStats` over the whole vocabulary, ``extras``
@@ -331,8 +340,8 @@ class ShardedHead(NamedTuple):
         whose logits ``stats.label_logit`` holds; default ``tokens.labels``.
     """
 
-    hp: Hyper
-    apply: Callable[[Tokens, TokenStats, Mapping[str, jax.Array], ShardContext], Any]
+    hp: Hyper | None
+    apply: Callable[[Tokens, TokenStats | None, Mapping[str, jax.Array], ShardContext], Any]
     out_specs: Callable[[P, str], Any]
     reduction: str = "none"
     ignore_index: int | None = None
@@ -399,6 +408,39 @@ def topk_distillation_head(hp: Hyper, *, reduction: str) -> ShardedHead:
     return ShardedHead(hp, apply, out_specs, reduction, None, ids)
 
 
+def distillation_head(
+    dh: _distill.Distill, a: float, *, reduction: str, ignore_index, implementation, config
+) -> ShardedHead:
+    """``linear_distillation_loss`` as a :class:`ShardedHead`: it computes both heads'
+    statistics itself (``hp=None``) from the extras ``teacher_x`` (``"tokens"``),
+    ``teacher_w`` and ``teacher_bias`` (``"columns"``), exchanging per-token scalars."""
+    per_token = reduction == "none"
+
+    def apply(tokens, _, extras, ctx):
+        args = ctx.args
+        student = _distill.Head(tokens.x, args.w, args.bias)
+        teacher = _distill.Head(
+            ctx.rows(extras["teacher_x"], trailing=1, predictor=True),
+            extras["teacher_w"],
+            extras.get("teacher_bias"),
+        )
+        needs_stats = per_token or bool(ctx.model)
+        choice = _distill.plan_for(implementation, config, student, dh, needs_stats=needs_stats)
+        if choice[1] is None:  # the materialized reference cannot split the vocabulary
+            choice = _distill.plan_for("xla", None, student, dh, needs_stats=True)
+        offset = jax.lax.axis_index(ctx.model) * args.vocab_size if ctx.model else 0
+        div, ce, total = _distill.distillation_losses(
+            student, teacher, tokens.labels, tokens.valid,
+            ((1 - a) * tokens.coef, a * tokens.coef), dh._replace(vocab_size=ctx.vocab_size),
+            choice, offset=offset, axes=ctx.model,
+        )  # fmt: skip
+        loss = distillation_result(div, ce, total, tokens, a, ctx.vocab_size, dh.hard, per_token)[0]
+        return loss.astype(tokens.x.dtype) if per_token else psum_over(loss, ctx.data)
+
+    out_specs = lambda tok, _: tok if per_token else P()
+    return ShardedHead(None, apply, out_specs, reduction, ignore_index)
+
+
 def _shard_body(
     args: HeadArgs,
     head: ShardedHead,
@@ -447,8 +489,10 @@ def _shard_body(
             vocab_size=vocab_size, model=model, tp=tp,
         )  # fmt: skip
 
-    ctx = ShardContext(data, model, vocab_size, shift, "", stats)
+    ctx = ShardContext(data, model, vocab_size, shift, "", stats, args)
     with jax.named_scope("fusedloss_sharded"):
+        if head.hp is None:
+            return head.apply(tokens, None, extras, ctx._replace(implementation="xla"))
         labels = tokens.labels
         if head.stat_labels is not None:
             labels = head.stat_labels(tokens, extras, ctx)
@@ -715,7 +759,9 @@ def run_sharded(
     v = args.vocab_size
     _check_extras(extras, labels, v)
     # The per-device core's choice (and the config's fit) is settled before tracing it.
-    impl_name = _per_shard_name(args, head.hp, mesh, dp, tp, implementation, config)
+    impl_name = "xla"
+    if head.hp is not None:
+        impl_name = _per_shard_name(args, head.hp, mesh, dp, tp, implementation, config)
     labels_s = labels[..., shift:]
     valid = jnp.ones(labels_s.shape, bool) if args.where is None else args.where[..., shift:]
     check_label_values(labels_s, valid, v, head.ignore_index)
@@ -1073,3 +1119,95 @@ def sharded_linear_topk_distillation_loss(
         config=config,
         extras=extras,
     )
+
+
+def sharded_linear_distillation_loss(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike | Transposed,
+    teacher_x: jax.typing.ArrayLike,
+    teacher_w: jax.typing.ArrayLike | Transposed,
+    *,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    data_axis: AxisName | None = "data",
+    model_axis: AxisName | None = "model",
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    bias: jax.typing.ArrayLike | None = None,
+    teacher_bias: jax.typing.ArrayLike | None = None,
+    logit_softcap: float | None = None,
+    teacher_logit_softcap: float | None = None,
+    labels: jax.typing.ArrayLike | None = None,
+    hard_label_weight: float = 0.0,
+    ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "mean",
+    shift: int = 0,
+    implementation: str | tuple[str, ...] | None = None,
+    config: Any = None,
+) -> jax.Array:
+    r"""``linear_distillation_loss`` of global arrays, data- and vocabulary-parallel.
+
+    The ``jax.shard_map`` over ``mesh`` is written as in
+    :func:`sharded_linear_cross_entropy`: ``x``, ``teacher_x`` and the per-token
+    arrays are split over ``data_axis``; the columns of ``w``, ``teacher_w`` and the
+    biases over ``model_axis`` (both heads share the vocabulary split). Each device
+    streams its vocabulary shard of both heads; the model axis exchanges per-token
+    log-sum-exps and partial sums only (a second exchange for ``"jsd"``), never
+    logits. On a model axis of size > 1 the chunked ``recompute`` strategy runs.
+
+    Values and gradients (w.r.t. ``x``, ``w``, ``bias``; none to the teacher) equal
+    :func:`~fusedloss.linear_distillation_loss` on one device.
+
+    Args:
+      x, w, teacher_x, teacher_w, divergence, beta, temperature, bias, teacher_bias,
+        logit_softcap, teacher_logit_softcap, labels, hard_label_weight, ignore_index,
+        where, weights, reduction: as in :func:`~fusedloss.linear_distillation_loss`.
+      mesh, data_axis, model_axis: as in :func:`sharded_linear_cross_entropy`.
+      shift: as in :func:`~fusedloss.linear_distillation_loss`; with a data axis of
+        size > 1 it needs ``x`` of shape ``[B, T, D]``.
+      implementation, config: ``"xla"`` and its :class:`~fusedloss.XlaConfig`.
+
+    Returns:
+      The loss: per token (``x``'s dtype, split over ``data_axis``) for ``"none"``,
+      else a float32 scalar.
+
+    Examples:
+      On a mesh of one device (the same call runs on any ``data x model`` mesh):
+
+      >>> import jax, jax.numpy as jnp
+      >>> import fusedloss
+      >>> ks = jax.random.split(jax.random.key(0), 4)
+      >>> x, xt = jax.random.normal(ks[0], (4, 8, 16)), jax.random.normal(ks[1], (4, 8, 32))
+      >>> w = jax.random.normal(ks[2], (16, 1000)) / 4
+      >>> wt = jax.random.normal(ks[3], (32, 1000)) / 4
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> loss = jax.jit(lambda x, w: fusedloss.sharded_linear_distillation_loss(
+      ...     x, w, xt, wt, mesh=mesh, divergence="jsd"))(x, w)
+      >>> ref = fusedloss.linear_distillation_loss(x, w, xt, wt, divergence="jsd")
+      >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
+      True
+    """
+    args, teacher, dh, a = check_distillation(
+        x, w, teacher_x, teacher_w, labels, bias=bias, teacher_bias=teacher_bias,
+        where=where, weights=weights, divergence=divergence, beta=beta,
+        temperature=temperature, logit_softcap=logit_softcap,
+        teacher_logit_softcap=teacher_logit_softcap, hard_label_weight=hard_label_weight,
+        ignore_index=ignore_index, reduction=reduction, shift=shift,
+    )  # fmt: skip
+    data, model = _check_distinct(data_axis, model_axis)
+    extras = {
+        "teacher_x": Extra(teacher.x, "tokens"),
+        "teacher_w": Extra(teacher.w, "columns", 0 if dh.teacher_vd else 1),
+    }
+    if teacher.bias is not None:
+        extras["teacher_bias"] = Extra(teacher.bias, "columns", 0)
+    head = distillation_head(
+        dh, a, reduction=reduction, ignore_index=ignore_index,
+        implementation=implementation, config=config,
+    )  # fmt: skip
+    return run_sharded(
+        args, head, _mesh_or_context(mesh), data, model, shift=shift,
+        implementation=implementation, config=config, extras=extras,
+    )  # fmt: skip
