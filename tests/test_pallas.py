@@ -412,6 +412,80 @@ def test_tpu_interpreter_reads_padding_as_nan():
 
 
 # --------------------------------------------------------------------------------------
+# tile, split, group and chunk layouts of a real head, in miniature
+# --------------------------------------------------------------------------------------
+
+
+def _mean_ce_f64(x, w, bias, labels):
+    """float64 mean cross-entropy of ``x @ w + bias`` and its (dx, dw, dbias)."""
+    xs, ws = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    z = xs @ ws + np.asarray(bias, np.float64)
+    m = z.max(1)
+    lse = m + np.log(np.exp(z - m[:, None]).sum(1))
+    rows, lab = np.arange(z.shape[0]), np.asarray(labels)
+    dz = np.exp(z - lse[:, None])
+    dz[rows, lab] -= 1.0
+    dz /= z.shape[0]
+    return np.mean(lse - z[rows, lab]), dz @ ws.T, xs.T @ dz, dz.sum(0)
+
+
+# Small tiles (D = 16, V of a few hundred) in the layouts of Llama-3's head, whose
+# 128256 columns are a multiple of the 128-column tile but not of the backward chunk
+# (3072 columns at N = 8192 in bf16) nor of the TPU's 512-column tile.
+LAYOUTS = {
+    # 80 rows = 5 token tiles of 16, more than the backward's group of 2 (groups of
+    # 2, 2, 1); 160 columns = 10 vocabulary tiles of 16 over 3 forward splits of 4
+    # tiles (the last split's 2 tiles past V are masked); backward chunks of 48
+    # columns (3 tiles): 0, 48, 96, then the last clamped back to 112 (its first 32
+    # columns were its predecessor's).
+    "gpu-chunks-clamped": (
+        80,
+        160,
+        PallasGpuConfig(
+            block_tokens=16,
+            block_vocab=16,
+            block_d=16,
+            vocab_splits=3,
+            group_tokens=2,
+            chunk_bytes=48 * 80 * 4,
+            interpret=True,
+        ),
+    ),
+    # 5 token tiles of 8; 160 columns = exactly 5 vocabulary tiles of 32.
+    "tpu-tile-multiple": (40, 160, PallasTpuConfig(block_tokens=8, block_vocab=32, interpret=True)),
+    # 176 columns = 5.5 tiles of 32 (as 128256 = 250.5 tiles of 512): a partial last
+    # tile, read past the end as NaN by the TPU-faithful interpreter.
+    "tpu-partial-last-tile": (
+        40,
+        176,
+        PallasTpuConfig(
+            block_tokens=8,
+            block_vocab=32,
+            interpret=pltpu.InterpretParams(out_of_bounds_reads="uninitialized"),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_head_layouts_match_float64_oracle(layout):
+    n, v, config = LAYOUTS[layout]
+    impl = "pallas_gpu" if isinstance(config, PallasGpuConfig) else "pallas_tpu"
+    x, w, bias, labels, _ = _inputs(n, 16, v, seed=9)
+    labels = labels.at[:2].set(jnp.asarray([0, v - 1], jnp.int32))  # the first and last column
+
+    def loss(x, w, bias):
+        return fusedloss.linear_cross_entropy(
+            x, w, labels, bias=bias, implementation=impl, config=config
+        )
+
+    got = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(x, w, bias)
+    want = _mean_ce_f64(x, w, bias, labels)
+    for name, g, r in zip(("loss", "dx", "dw", "dbias"), jax.tree.leaves(got), want, strict=True):
+        _assert_close(g, r, name)
+
+
+# --------------------------------------------------------------------------------------
 # the kernels lower for their real targets (no GPU/TPU needed)
 # --------------------------------------------------------------------------------------
 
