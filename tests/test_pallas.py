@@ -25,7 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.extend import core as jex_core
 
 import fusedloss
-from fusedloss.heads import _engine, pallas_gpu, pallas_tpu, reference
+from fusedloss.heads import _engine, _registry, pallas_gpu, pallas_tpu, reference
 from fusedloss.heads._targets import Target
 from fusedloss.heads.pallas_gpu import (
     PallasGpuConfig,
@@ -215,6 +215,27 @@ def test_tpu_tiles_fit_the_chips_vmem(kind, vmem):
     assert pallas_tpu._vmem_estimate(plan.bt, 2 * plan.bv, 4096, 2) > min(48, vmem * 3 // 4) * 2**20
     if vmem >= 64:
         assert (plan.bt, plan.bv) == (256, 512)
+
+
+@pytest.mark.parametrize("platform, kernel", [("gpu", "pallas_gpu"), ("tpu", "pallas_tpu")])
+@pytest.mark.parametrize("kind", [None, "chip"])
+def test_default_computes_small_logits_at_once(platform, kernel, kind):
+    """``implementation=None`` on a GPU/TPU: a problem whose float32 logits fit one
+    ``xla`` block (128 MiB) is computed at once (a kernel's fixed buffers would exceed
+    them: tests/targets measures both); a larger one gets the kernel. A kernel config
+    keeps the kernel."""
+    target = Target(platform, kind and f"{platform} chip")
+    bf16 = jnp.bfloat16
+
+    def chosen(n, config=None):
+        problem = _engine.Problem(n, 4096, 128256, bf16, False, False)
+        return _registry.choose_for(None, False, config, problem, target).name
+
+    # 4 * 261 * 128256 bytes = 127.7 MiB fits the block; 262 tokens do not.
+    assert chosen(1) == chosen(261) == "xla"
+    assert chosen(262) == chosen(8192) == kernel
+    kernel_config = PallasGpuConfig() if kernel == "pallas_gpu" else PallasTpuConfig()
+    assert chosen(1, kernel_config) == kernel
 
 
 # --------------------------------------------------------------------------------------
