@@ -1072,8 +1072,9 @@ def _property_run(logits, labels, where, ints):
     return ce, grad, nll, cls.softmax_cross_entropy(logits, one_hot)
 
 
-# A few fixed shapes keep compilations bounded; values and masks vary freely.
-@settings(max_examples=20, deadline=None)
+# A few fixed shapes keep compilations bounded (at most four of the jitted run);
+# values and masks vary freely, and each further example costs about a millisecond.
+@settings(max_examples=100, deadline=None)
 @given(
     shape=st.sampled_from([(3, 1), (2, 3, 4)]),
     per_element=st.booleans(),

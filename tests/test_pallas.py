@@ -25,7 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.extend import core as jex_core
 
 import fusedloss
-from fusedloss.heads import _engine, pallas_gpu, pallas_tpu, reference
+from fusedloss.heads import _engine, _registry, pallas_gpu, pallas_tpu, reference
 from fusedloss.heads._targets import Target
 from fusedloss.heads.pallas_gpu import (
     PallasGpuConfig,
@@ -217,6 +217,27 @@ def test_tpu_tiles_fit_the_chips_vmem(kind, vmem):
         assert (plan.bt, plan.bv) == (256, 512)
 
 
+@pytest.mark.parametrize("platform, kernel", [("gpu", "pallas_gpu"), ("tpu", "pallas_tpu")])
+@pytest.mark.parametrize("kind", [None, "chip"])
+def test_default_computes_small_logits_at_once(platform, kernel, kind):
+    """``implementation=None`` on a GPU/TPU: a problem whose float32 logits fit one
+    ``xla`` block (128 MiB) is computed at once (a kernel's fixed buffers would exceed
+    them: tests/targets measures both); a larger one gets the kernel. A kernel config
+    keeps the kernel."""
+    target = Target(platform, kind and f"{platform} chip")
+    bf16 = jnp.bfloat16
+
+    def chosen(n, config=None):
+        problem = _engine.Problem(n, 4096, 128256, bf16, False, False)
+        return _registry.choose_for(None, False, config, problem, target).name
+
+    # 4 * 261 * 128256 bytes = 127.7 MiB fits the block; 262 tokens do not.
+    assert chosen(1) == chosen(261) == "xla"
+    assert chosen(262) == chosen(8192) == kernel
+    kernel_config = PallasGpuConfig() if kernel == "pallas_gpu" else PallasTpuConfig()
+    assert chosen(1, kernel_config) == kernel
+
+
 # --------------------------------------------------------------------------------------
 # the statistics core: custom VJP vs autodiff of the materialized reference
 # --------------------------------------------------------------------------------------
@@ -337,23 +358,61 @@ def test_public_api_matches_reference(impl):
         _assert_close(g, r, name)
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
-def test_bf16_inputs_accumulate_in_f32(impl):
-    x, w, bias, labels, where = _inputs(37, 24, 123, dtype=jnp.bfloat16, seed=5)
-    feats = dict(use_bias=True, logit_softcap=5.0, reduction="sum")
+# Unit roundoff u of each low-precision input dtype: rounding a value to the dtype
+# moves it by at most u times its magnitude.
+UNIT_ROUNDOFF = {
+    # bfloat16 keeps 8 significant bits (7 stored): u = 2^-8 ~ 3.9e-3.
+    jnp.dtype(jnp.bfloat16): 2.0**-8,
+    # float16 keeps 11 significant bits (10 stored): u = 2^-11 ~ 4.9e-4.
+    jnp.dtype(jnp.float16): 2.0**-11,
+}
+
+
+def _check_low_precision(impl, dtype, seed):
+    """Loss and gradients of low-precision inputs against a float64 oracle on the
+    same (rounded) inputs, within the error of the kernels' two roundings."""
+    cap = 5.0
+    x, w, bias, labels, where = _inputs(37, 24, 123, dtype=dtype, seed=seed)
+    feats = dict(use_bias=True, logit_softcap=cap, reduction="sum")
     (loss, _), grads = _api_value_and_grad(
         impl, BACKENDS[impl][0], x, w, bias, labels, where, feats
     )
-    (ref, _), ref_grads = _api_value_and_grad("reference", None, x, w, bias, labels, where, feats)
+    xs, ws = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, w))
+    keep, rows, lab = np.asarray(where), np.arange(x.shape[0]), np.asarray(labels)
+    t = np.tanh((xs @ ws + np.asarray(bias, np.float64)) / cap)
+    s = cap * t
+    m = s.max(1)
+    lse = m + np.log(np.exp(s - m[:, None]).sum(1))
+    dl = np.exp(s - lse[:, None])
+    dl[rows, lab] -= 1.0
+    dl *= (1.0 - t * t) * keep[:, None]  # d loss / d (x @ w + bias), float64
     assert loss.dtype == jnp.float32
-    np.testing.assert_allclose(loss, ref, rtol=1e-5)
-    for name, g, r in zip(("dx", "dw", "dbias"), grads, ref_grads, strict=True):
-        assert g.dtype == r.dtype, name
-        # Both round the same float32 logit gradients to bf16 before the matmuls.
-        scale = float(jnp.max(jnp.abs(r.astype(jnp.float32))))
-        np.testing.assert_allclose(
-            g.astype(jnp.float32), r.astype(jnp.float32), atol=2e-2 * scale, err_msg=name
-        )
+    np.testing.assert_allclose(loss, np.sum(np.where(keep, lse - s[rows, lab], 0.0)), rtol=1e-5)
+    u = UNIT_ROUNDOFF[jnp.dtype(dtype)]
+    # The kernels round the float32 logits gradient to the input dtype before their
+    # matmuls (each product term moves by at most u |dl| |w|: u * (|dl| @ |w|.T) in
+    # all for dx) and round the float32 result once more (u |dx|); float32 logits and
+    # accumulation add under 1e-5 of the same sums. dbias (float32) has only those.
+    sums = {
+        "dx": (dl @ ws.T, np.abs(dl) @ np.abs(ws).T),
+        "dw": (xs.T @ dl, np.abs(xs).T @ np.abs(dl)),
+    }
+    for name, g in zip(("dx", "dw"), grads[:2], strict=True):
+        assert g.dtype == dtype, name
+        want, size = sums[name]
+        err = np.abs(np.asarray(g.astype(jnp.float32), np.float64) - want)
+        bound = u * np.abs(want) + (u + 1e-5) * size
+        worst = np.unravel_index(np.argmax(err - bound), err.shape)
+        assert np.all(err <= bound), (name, worst, err[worst], bound[worst])
+    assert grads[2].dtype == jnp.float32
+    err = np.abs(np.asarray(grads[2], np.float64) - dl.sum(0))
+    assert np.all(err <= 1e-5 * np.abs(dl).sum(0) + 1e-30), ("dbias", err.max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_low_precision_inputs_accumulate_in_f32(impl, dtype):
+    _check_low_precision(impl, dtype, seed=5)
 
 
 def test_tpu_interpreter_reads_padding_as_nan():
@@ -370,6 +429,80 @@ def test_tpu_interpreter_reads_padding_as_nan():
     (ref, _), ref_grads = _api_value_and_grad("reference", None, x, w, bias, labels, where, feats)
     _assert_close(loss, ref, "loss")
     for name, g, r in zip(("dx", "dw", "dbias"), grads, ref_grads, strict=True):
+        _assert_close(g, r, name)
+
+
+# --------------------------------------------------------------------------------------
+# tile, split, group and chunk layouts of a real head, in miniature
+# --------------------------------------------------------------------------------------
+
+
+def _mean_ce_f64(x, w, bias, labels):
+    """float64 mean cross-entropy of ``x @ w + bias`` and its (dx, dw, dbias)."""
+    xs, ws = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    z = xs @ ws + np.asarray(bias, np.float64)
+    m = z.max(1)
+    lse = m + np.log(np.exp(z - m[:, None]).sum(1))
+    rows, lab = np.arange(z.shape[0]), np.asarray(labels)
+    dz = np.exp(z - lse[:, None])
+    dz[rows, lab] -= 1.0
+    dz /= z.shape[0]
+    return np.mean(lse - z[rows, lab]), dz @ ws.T, xs.T @ dz, dz.sum(0)
+
+
+# Small tiles (D = 16, V of a few hundred) in the layouts of Llama-3's head, whose
+# 128256 columns are a multiple of the 128-column tile but not of the backward chunk
+# (3072 columns at N = 8192 in bf16) nor of the TPU's 512-column tile.
+LAYOUTS = {
+    # 80 rows = 5 token tiles of 16, more than the backward's group of 2 (groups of
+    # 2, 2, 1); 160 columns = 10 vocabulary tiles of 16 over 3 forward splits of 4
+    # tiles (the last split's 2 tiles past V are masked); backward chunks of 48
+    # columns (3 tiles): 0, 48, 96, then the last clamped back to 112 (its first 32
+    # columns were its predecessor's).
+    "gpu-chunks-clamped": (
+        80,
+        160,
+        PallasGpuConfig(
+            block_tokens=16,
+            block_vocab=16,
+            block_d=16,
+            vocab_splits=3,
+            group_tokens=2,
+            chunk_bytes=48 * 80 * 4,
+            interpret=True,
+        ),
+    ),
+    # 5 token tiles of 8; 160 columns = exactly 5 vocabulary tiles of 32.
+    "tpu-tile-multiple": (40, 160, PallasTpuConfig(block_tokens=8, block_vocab=32, interpret=True)),
+    # 176 columns = 5.5 tiles of 32 (as 128256 = 250.5 tiles of 512): a partial last
+    # tile, read past the end as NaN by the TPU-faithful interpreter.
+    "tpu-partial-last-tile": (
+        40,
+        176,
+        PallasTpuConfig(
+            block_tokens=8,
+            block_vocab=32,
+            interpret=pltpu.InterpretParams(out_of_bounds_reads="uninitialized"),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_head_layouts_match_float64_oracle(layout):
+    n, v, config = LAYOUTS[layout]
+    impl = "pallas_gpu" if isinstance(config, PallasGpuConfig) else "pallas_tpu"
+    x, w, bias, labels, _ = _inputs(n, 16, v, seed=9)
+    labels = labels.at[:2].set(jnp.asarray([0, v - 1], jnp.int32))  # the first and last column
+
+    def loss(x, w, bias):
+        return fusedloss.linear_cross_entropy(
+            x, w, labels, bias=bias, implementation=impl, config=config
+        )
+
+    got = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(x, w, bias)
+    want = _mean_ce_f64(x, w, bias, labels)
+    for name, g, r in zip(("loss", "dx", "dw", "dbias"), jax.tree.leaves(got), want, strict=True):
         _assert_close(g, r, name)
 
 

@@ -170,6 +170,31 @@ MUTANTS = [
         G,
         "tiling_edges",
     ),
+    Mutant(
+        "gpu-clamped-chunk-overwrites-predecessor",
+        "heads/pallas_gpu.py",
+        "keep = (start + lax.iota(jnp.int32, k)) >= fresh",
+        "keep = (start + lax.iota(jnp.int32, k)) >= start",
+        ("test_pallas.py",),
+        "layouts",
+    ),
+    Mutant(
+        "gpu-logits-rounded-to-input-dtype",
+        "heads/pallas_gpu.py",
+        "    return _ce_math.softcap(z, st.hp.softcap)",
+        "    return _ce_math.softcap(z.astype(st.in_dtype).astype(st.acc), st.hp.softcap)",
+        ("test_pallas.py",),
+        "low_precision",
+    ),
+    # Pallas TPU kernels
+    Mutant(
+        "tpu-dx-edge-block-padding-unmasked",
+        "heads/pallas_tpu.py",
+        "w = jnp.where(cols_ok.T if st.w_vd else cols_ok, w, jnp.zeros((), w.dtype))",
+        "w = w",
+        ("test_pallas.py",),
+        "layouts",
+    ),
     # sharded path
     Mutant(
         "sharded-lse-without-max-shift",

@@ -99,8 +99,23 @@ def check_config(config, names: tuple[str, ...] | None) -> None:
         )
 
 
-def order_for(target: Target) -> tuple[str, ...]:
-    return DEFAULT_ORDER.get(target.platform, ("xla",))
+def order_for(target: Target, problem: Problem | None = None, config=None) -> tuple[str, ...]:
+    """The default order for a target. A problem whose whole float32 logits fit one
+    ``xla`` block goes to ``xla`` first, which computes them at once: a kernel's
+    fixed buffers (a padded copy of an unaligned ``w``, a ``[D, chunk]`` float32
+    ``dw`` product) would exceed the materialized path's at small N (no regret)."""
+    order = DEFAULT_ORDER.get(target.platform, ("xla",))
+    if (
+        problem is None
+        or order[0] == "xla"
+        or not (config is None or isinstance(config, xla.XlaConfig))
+    ):
+        return order
+    try:
+        small = xla.plan(config, problem, target).strategy == "materialized"
+    except ValueError:
+        small = False
+    return ("xla", *(n for n in order if n != "xla")) if small else order
 
 
 def choose(names: tuple[str, ...], explicit: bool, config, problem: Problem, target: Target):
@@ -131,7 +146,7 @@ def choose_for(
     if explicit:
         return choose(names, True, config, problem, target or Target(_HOME.get(names[0], "cpu")))
     target = target or Target("cpu")
-    return choose(names or order_for(target), False, config, problem, target)
+    return choose(names or order_for(target, problem, config), False, config, problem, target)
 
 
 def dispatch(
@@ -150,7 +165,7 @@ def dispatch(
     if explicit or target is not None:
         choice = choose_for(names, explicit, config, problem, target)
         return run(choice), choice.name
-    order = order_for if names is None else (lambda _: names)
+    order = (lambda t: order_for(t, problem, config)) if names is None else (lambda _: names)
     choices = {}
     errors = {}
     for p in PLATFORMS:
