@@ -65,61 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG + f"cross-entropy contenders: {', '.join(CONTENDERS)} (optax: the baseline)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add = p.add_argument
-    add(
-        "--suite",
-        choices=cs.SUITES,
-        default="quick",
-        help="quick (minutes on a 2-core CPU)"
-        " or full (real heads at N=8192 on a GPU/TPU); sets tokens, reps and sweeps",
-    )
-    add(
-        "--shapes",
-        nargs="+",
-        choices=(*cs.MODEL_SHAPES, *cs.SERIES),
-        metavar="NAME",
-        help="model heads and/or series to time (default: the real heads and both sweeps)",
-    )
-    add(
-        "--impls",
-        nargs="+",
-        choices=tuple(CONTENDERS),
-        metavar="NAME",
-        help="cross-entropy contenders to time (default: all; optax always runs)",
-    )
+    add, many = p.add_argument, {"nargs": "+", "metavar": "NAME"}
+    add("--suite", choices=cs.SUITES, default="quick", help="quick (default) or full (GPU/TPU)")
+    add("--shapes", choices=(*cs.MODEL_SHAPES, *cs.SERIES), **many, help="heads/series to time")
+    add("--impls", choices=tuple(CONTENDERS), **many, help="contenders to time (default: all)")
     add("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU, else bf16")
     add("--tokens", type=_positive, metavar="N", help="tokens of the model heads and vocab sweep")
     add("--reps", type=_positive, metavar="R", help="most timed rounds (default: the suite's)")
-    add(
-        "--standard-shape",
-        type=_positive,
-        nargs=2,
-        metavar=("N", "V"),
-        help="logits of the standard-losses table (default: the suite's)",
-    )
+    add("--standard-shape", type=_positive, nargs=2, metavar=("N", "V"), help="standard losses")
     add("--no-standard-losses", action="store_true", help="skip the standard losses vs optax")
     add("--no-heads", action="store_true", help="skip timing the other fused heads")
-    add(
-        "--real-shapes",
-        nargs="+",
-        choices=tuple(cs.MODEL_SHAPES),
-        metavar="NAME",
-        help=f"heads of the compiled-temporaries tables (default: {' '.join(cs.DEFAULT_MODELS)})",
-    )
+    add("--real-shapes", choices=tuple(cs.MODEL_SHAPES), **many, help="compiled-table heads")
     add("--real-tokens", type=_positive, default=8192, metavar="N", help="their tokens (8192)")
     add("--no-real-shapes", action="store_true", help="skip the compiled-temporaries tables")
     add("--no-targets", action="store_true", help="skip the compile-only GPU/TPU targets")
-    add(
-        "--targets-out",
-        type=Path,
-        default=RESULTS_DIR,
-        metavar="DIR",
-        help="where the targets' directories go (default: benchmarks/results/)",
-    )
+    add("--targets-out", type=Path, default=RESULTS_DIR, metavar="DIR", help="their directories")
     add("--out", type=Path, metavar="DIR", help="default: benchmarks/results/<device_kind>/")
     add("--no-plots", action="store_true", help="no PNG plots")
     add("--quiet", action="store_true", help="no progress bar or console tables")
-    return p  # fmt: skip
+    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
