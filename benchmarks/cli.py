@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform as py_platform
 import re
@@ -19,33 +20,23 @@ from benchmarks import targets
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 _DESCRIPTION = """\
-Benchmarks fusedloss's fused LM heads (x @ w + a loss, never materializing the logits)
-against their materialized equivalents (the optax path for cross-entropy) and
-third-party fused implementations (jax-cce, tokamax) where installed.
-
+Benchmarks fusedloss's fused LM heads against their materialized equivalents (optax
+for cross-entropy) and third-party fused implementations (jax-cce, tokamax) if installed.
 1. Compiled temporaries of forward+backward at the REAL heads (GPT-2, Llama-3-8B,
-   Gemma-2-2B, Qwen-2.5-7B) with N=8192 tokens, for every contender: compiled, not
-   run, on the host; and, when the compile-only target packages are installed
-   (`make bench` builds .venv-targets), for H100, A100, TPU v5e and v6e in bf16.
-2. Timings of every contender on shapes this device can run: forward and
-   forward+backward, median of interleaved rounds, achieved TFLOP/s against a matmul
-   peak measured in the same run, device peak memory (GPU/TPU), errors against a
-   float32 reference and the error budget; every fused head against its
-   materialized equivalent; the standard losses against optax.
-
-Writes results.json, results.md and PNG plots under benchmarks/results/<device_kind>/
-and benchmarks/results/<target>/."""
-
+   Gemma-2-2B, Qwen-2.5-7B), N=8192, every contender: compiled, not run; on the host
+   and, with the compile-only target packages (`make bench` builds .venv-targets),
+   for H100, A100, TPU v5e and v6e in bf16.
+2. Timings where this device can run them: forward and forward+backward, medians of
+   interleaved rounds, TFLOP/s against a matmul peak of the same run, device peak
+   memory (GPU/TPU), errors against a float32 reference and the error budget.
+Writes results.json, results.md and PNGs under benchmarks/results/<device_kind or target>/."""
 _EPILOG = f"""\
 modes (the first word; `python -m benchmarks MODE --help`):
-  python -m benchmarks ratios [--tied]        # xla strategies vs materialized
-  python -m benchmarks gpu-check [--quick]    # pallas_gpu error budget, time, memory
-  python -m benchmarks targets --out DIR      # compile-only targets (their interpreter)
+  ratios [--tied]        the xla strategies against the materialized path
+  gpu-check [--quick]    the Pallas GPU kernel's error budget, time and memory
+  targets --out DIR      the compile-only targets (run by their own interpreter)
 shapes: {", ".join(f"{s.name} ({s.d}x{s.v})" for s in cs.MODEL_SHAPES.values())};
   series: {", ".join(cs.SERIES)}.
-examples:
-  python -m benchmarks --suite full                     # what benchmarks/gpu.sh runs
-  python -m benchmarks --shapes gpt2 llama3-8b --impls xla_recompute jax_cce
 """
 
 
@@ -145,7 +136,7 @@ def run_suite(argv: list[str]) -> int:
     timed = cs.build_cases(args.shapes, args.suite, platform, args.tokens)
     impls = args.impls or [n for n in CONTENDERS if n != "default"]
     heads = [] if args.no_heads else [h for h in HEADS.values() if h is not CROSS_ENTROPY]
-    head_cases = [c for c in timed if c.group == "models"]
+    head_cases = [dataclasses.replace(c, modes=("fwd_bwd",)) for c in timed if c.group == "models"]
     if args.suite == "quick" and platform == "cpu":  # the two narrowest heads say enough
         head_cases = sorted(head_cases, key=lambda c: c.n * c.v)[:2]
     real_heads = [] if args.no_real_shapes else (args.real_shapes or list(cs.DEFAULT_MODELS))
@@ -160,17 +151,19 @@ def run_suite(argv: list[str]) -> int:
     meta = _meta(dtype.name, " ".join(["python -m benchmarks", *map(shlex.quote, argv)]))
     con.log(f"fusedloss benchmarks: suite={args.suite} {meta['device_kind']} {dtype.name}")
     try:
-        launch = None
-        if python:  # compiles for the targets on one core while the host compiles on the other
-            launch = targets.Launch(python, args.targets_out, real_heads, args.real_tokens,
-                                    con.advance)  # fmt: skip
+        # The targets compile in subprocesses while the host compiles its own table.
+        launches = targets.launch(python, args.targets_out, real_heads, args.real_tokens,
+                                  con.advance) if python else []  # fmt: skip
         recs = suite.compile_table(real, real_rows, dtype=dtype, platform=platform,
                                    advance=con.advance)  # fmt: skip
         title = f"compiled temporaries, fwd+bwd, N={args.real_tokens} {dtype.name}"
         if recs:
             where = f"{meta['device_kind']}; compiled, not run"
             con.table(f"{title} ({where})", *report.compiled_table(recs))
-        docs, missing = launch.wait() if launch else ([], None if not real else targets.HOW)
+        docs, missing = [], None if not real or launches else targets.HOW
+        for launch in launches:
+            got, why = launch.wait()
+            docs, missing = docs + got, missing or why
         for t in docs:
             t["meta"]["command"] = meta["command"]
             _write(t, args.targets_out / t["meta"]["target"], not args.no_plots)

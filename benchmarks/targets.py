@@ -30,28 +30,26 @@ TARGETS: dict[str, tuple[str, str, str | None]] = {
     "tpu-v5e": ("tpu", "v5e:1x1", None),
     "tpu-v6e": ("tpu", "v6e:1x1", None),
 }
-# A few rows per platform: the materialized baseline, the library's default for the
-# chip and, on GPUs, the default of each other fused head (on TPUs those compile for
-# 20-50 s each here; `--rows` adds them). The host-only baselines (optax, jax-cce,
-# tokamax) are not installed in the targets environment.
+# A few rows per platform: the materialized cross-entropy, the library's default for
+# the chip and, on GPUs, each other fused head and its materialized equivalent (on
+# TPUs those compile for 20-50 s each here; `--rows` adds them). The host-only
+# baselines (optax, jax-cce, tokamax) are not installed in the targets environment.
 ROWS: dict[str, tuple[str, ...]] = {
-    "gpu": ("reference", "default", "log_probs", "topk_distill"),
+    "gpu": ("reference", "default", "log_probs_materialized", "log_probs",
+            "topk_distill_materialized", "topk_distill"),
     "tpu": ("reference", "default"),
-}
+}  # fmt: skip
 ROWS_NOTE = {
     "gpu": "optax, jax-cce and tokamax are not installed in the targets environment",
     "tpu": "optax, jax-cce and tokamax are not installed in the targets environment; the"
     " log_probs and topk_distill heads are left out on TPU targets (20-50 s of compile"
     " each on 2 cores; `python -m benchmarks targets --rows ...` compiles them)",
 }
-ENV = {
-    "JAX_PLATFORMS": "cpu",  # without a driver the CUDA plugin needs it
-    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-    "TPU_SKIP_MDS_QUERY": "1",
-    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-    "TPU_WORKER_ID": "0",
-    "TPU_WORKER_HOSTNAMES": "localhost",
-}
+# As the Makefile's TARGETS_ENV: JAX_PLATFORMS=cpu (the CUDA plugin needs it without a
+# driver); the TPU_* variables keep libtpu from looking for a TPU host.
+ENV = dict(kv.split("=") for kv in (
+    "JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 TPU_SKIP_MDS_QUERY=1 TPU_WORKER_ID=0"
+    " TPU_ACCELERATOR_TYPE=v5litepod-4 TPU_WORKER_HOSTNAMES=localhost").split())  # fmt: skip
 NOTE = "compiled for the target, not run"
 HOW = (
     "`make bench` builds `.venv-targets` (jax[tpu], jax[cuda12-local], nvidia-cuda-nvcc-cu12)"
@@ -116,6 +114,13 @@ def main(argv: Sequence[str]) -> int:
 # ---- the launcher, in the main run -----------------------------------------------------------
 
 
+def launch(python: str, out: Path, heads: Sequence[str], tokens: int, advance: Any) -> list:
+    """The GPU and the TPU targets in two subprocesses: both cores compile once the
+    host's own table is done (the TPU compiles take the longest)."""
+    groups = [[n for n, t in TARGETS.items() if t[0] == p] for p in ("gpu", "tpu")]
+    return [Launch(python, out, heads, tokens, advance, names) for names in groups]
+
+
 def interpreter() -> str | None:
     """``FUSEDLOSS_TARGETS_PYTHON``, else ``.venv-targets/bin/python`` once installed."""
     env = os.environ.get("FUSEDLOSS_TARGETS_PYTHON")
@@ -126,16 +131,20 @@ def interpreter() -> str | None:
 
 
 class Launch:
-    """The targets run in a subprocess; its progress lines advance the caller's bar."""
+    """Targets compiled in a subprocess; its progress lines advance the caller's bar."""
 
-    def __init__(self, python: str, out: Path, heads: Sequence[str], tokens: int, advance: Any):
+    def __init__(
+        self, python: str, out: Path, heads: Sequence[str], tokens: int, advance: Any,
+        names: Sequence[str] = tuple(TARGETS),
+    ) -> None:  # fmt: skip
         import fusedloss
 
         src = str(Path(fusedloss.__file__).resolve().parents[1])
         env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), src])}
         cmd = [python, "-m", "benchmarks", "targets", "--out", str(out), "--tokens", str(tokens)]
-        self.out, self.lines = out, []
-        for name in TARGETS:  # never report an earlier run's tables as this one's
+        cmd += ["--targets", *names]
+        self.out, self.names, self.lines = out, names, []
+        for name in names:  # never report an earlier run's tables as this one's
             (out / name / "results.json").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [*cmd, "--heads", *heads], cwd=ROOT, env=env, text=True,
@@ -159,7 +168,7 @@ class Launch:
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         docs = []
-        for name in TARGETS:
+        for name in self.names:
             path = self.out / name / "results.json"
             if path.exists():
                 docs.append(json.loads(path.read_text()))
