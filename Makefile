@@ -55,7 +55,12 @@ test: lint
 test-targets: $(TARGETS_VENV)/.installed
 	$(TARGETS_ENV) $(TARGETS_BIN)/python -m pytest -n 2 tests/targets
 
+# The quick run; with the compile-only target packages (built here when possible; the
+# run says how to get them otherwise) it adds the H100, A100 and TPU v5e/v6e tables.
 bench: $(VENV)/.bench-installed
+	$(MAKE) $(TARGETS_VENV)/.installed || echo "bench: no compile-only targets (see above)"
+	if [ -f $(TARGETS_VENV)/.installed ]; then \
+		export FUSEDLOSS_TARGETS_PYTHON=$(abspath $(TARGETS_BIN))/python; fi; \
 	$(BIN)/python -m benchmarks
 
 clean:

@@ -1,14 +1,11 @@
 """fusedloss benchmark suite: ``python -m benchmarks --help``.
 
-Modules, one job each:
-
-* :mod:`benchmarks.shapes`: named real-model heads, sweeps, per-backend scaling.
-* :mod:`benchmarks.contenders`: fusedloss implementations, the optax baseline,
-  jax-cce and tokamax, each skipped with a reason when it cannot run.
-* :mod:`benchmarks.measure`: timing, compiled temp bytes, device peak, matmul peak.
-* :mod:`benchmarks.runner`: cases x contenders x modes -> flat result records.
-* :mod:`benchmarks.standard`: standard losses against their optax twins.
-* :mod:`benchmarks.report`, :mod:`benchmarks.plots`, :mod:`benchmarks.console`:
-  JSON / markdown, PNG plots, progress bar and console tables.
-* :mod:`benchmarks.cli`: the command line.
+* :mod:`benchmarks.cases`: real-model heads, sweeps, how each suite scales them.
+* :mod:`benchmarks.contenders`: the table of heads (:data:`~benchmarks.contenders.HEADS`),
+  their contenders and the one input builder.
+* :mod:`benchmarks.harness`: the one timing harness, compile-only temporaries, matmul peak.
+* :mod:`benchmarks.suite`: heads x cases x contenders -> records; standard losses.
+* :mod:`benchmarks.targets`: compile-only GPU/TPU targets, in their own interpreter.
+* :mod:`benchmarks.report`, :mod:`benchmarks.plots`, :mod:`benchmarks.console`: output.
+* :mod:`benchmarks.cli`: the command line and its modes.
 """

@@ -1,8 +1,9 @@
-"""Command line of ``python -m benchmarks``: parse, run, write JSON / markdown / plots."""
+"""``python -m benchmarks [MODE] ...``: the suite and its modes, one harness for all."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform as py_platform
 import re
@@ -13,374 +14,297 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import shapes
-from benchmarks.contenders import BASELINE, CONTENDERS
+from benchmarks import cases as cs
+from benchmarks import targets
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 _DESCRIPTION = """\
-Benchmark fusedloss.linear_cross_entropy (fused x @ w + softmax cross-entropy) against
-the materialized optax baseline and third-party fused implementations, on named
-real-model LM heads and on vocabulary / token sweeps.
-
-First, without running anything, it compiles forward+backward at the REAL heads
-(GPT-2, Llama-3-8B, Gemma-2-2B, Qwen-2.5-7B) with N=8192 tokens for every contender,
-and for the log-probs and top-K distillation heads against their materialized
-equivalents, and reports the compiled temporaries (temp_size_in_bytes).
-
-For every case and contender it reports, forward (loss only) and forward+backward
-(value_and_grad w.r.t. x and w): the median time of several calls (compile and a
-warm-up excluded), the compiled temp bytes, the device peak bytes (GPU/TPU), the
-achieved TFLOP/s against a matmul peak measured in the same run, the max abs error
-of the loss and gradients against a float32 precision='highest' reference, and the
-time and temp-bytes ratios to the optax baseline. Contenders that are not installed
-or do not support the case or backend are reported as skipped, with the reason.
-
-Writes results.json, results.md and PNG plots into --out."""
-
+Benchmarks fusedloss's fused LM heads against their materialized equivalents (optax
+for cross-entropy) and third-party fused implementations (jax-cce, tokamax) if installed.
+1. Compiled temporaries of forward+backward at the REAL heads (GPT-2, Llama-3-8B,
+   Gemma-2-2B, Qwen-2.5-7B), N=8192, every contender: compiled, not run; on the host
+   and, with the compile-only target packages (`make bench` builds .venv-targets),
+   for H100, A100, TPU v5e and v6e in bf16.
+2. Timings where this device can run them: forward and forward+backward, medians of
+   interleaved rounds, TFLOP/s against a matmul peak of the same run, device peak
+   memory (GPU/TPU), errors against a float32 reference and the error budget.
+Writes results.json, results.md and PNGs under benchmarks/results/<device_kind or target>/."""
 _EPILOG = f"""\
-shapes: {", ".join(f"{s.name} (D={s.d}, V={s.v})" for s in shapes.MODEL_SHAPES.values())};
-  series: {", ".join(shapes.SERIES)}. Default: {" ".join(shapes.DEFAULT_MODELS + shapes.SERIES)}.
-contenders: {", ".join(CONTENDERS)} (the baseline '{BASELINE}' always runs).
-
-The quick suite on CPU uses N=128 tokens and caps D*V at 2e7 (D scaled down, the real V
-kept; the tables say so); the full suite on a GPU/TPU runs the real heads at N=8192.
-Modes (the first word; the rest goes to the mode, see `python -m benchmarks MODE --help`):
-  python -m benchmarks ratios [--tied]       # xla strategies vs materialized, interleaved
-  python -m benchmarks gpu-check --out DIR   # Pallas GPU error budget, time, peak memory
-Examples:
-  python -m benchmarks                                  # quick suite, all contenders
-  python -m benchmarks --suite full                     # what benchmarks/gpu.sh runs
-  python -m benchmarks --shapes gpt2 llama3-8b --impls xla_gif xla_recompute jax_cce
-  python -m benchmarks --shapes tiny --tokens 64 --reps 1 --out /tmp/bench --no-plots
+modes (the first word; `python -m benchmarks MODE --help`):
+  ratios [--tied]        the xla strategies against the materialized path
+  gpu-check [--quick]    the Pallas GPU kernel's error budget, time and memory
+  targets --out DIR      the compile-only targets (run by their own interpreter)
+shapes: {", ".join(f"{s.name} ({s.d}x{s.v})" for s in cs.MODEL_SHAPES.values())};
+  series: {", ".join(cs.SERIES)}.
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (``--help`` documents every option)."""
+    """The suite's options (``--help`` documents each)."""
+    from benchmarks.contenders import CONTENDERS
+
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=_DESCRIPTION,
-        epilog=_EPILOG,
+        epilog=_EPILOG + f"cross-entropy contenders: {', '.join(CONTENDERS)} (optax: the baseline)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--suite",
-        choices=shapes.SUITES,
-        default="quick",
-        help="quick (default: minutes on a 2-core CPU) or full (real heads at N=8192 on a "
-        "GPU/TPU); sets tokens, reps and sweep points for the detected backend",
-    )
-    p.add_argument(
-        "--shapes",
-        nargs="+",
-        choices=shapes.all_shape_names(),
-        metavar="NAME",
-        help="model heads and/or series to run (default: every real head and both sweeps; "
-        "'tiny' is a small smoke-test head)",
-    )
-    p.add_argument(
-        "--impls",
-        nargs="+",
-        choices=tuple(CONTENDERS),
-        metavar="NAME",
-        help=f"contenders to run (default: all; '{BASELINE}' is always added, since every "
-        "ratio is taken against it)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        help="dtype of x and w (default: float32 on CPU, bfloat16 on GPU/TPU); the error "
-        "reference is always float32",
-    )
-    p.add_argument(
-        "--tokens",
-        type=_positive_int,
-        metavar="N",
-        help="override the number of tokens N of the model heads and the vocabulary sweep",
-    )
-    p.add_argument(
-        "--reps",
-        type=_positive_int,
-        metavar="R",
-        help="most timed calls per measurement (default: set by the suite)",
-    )
-    p.add_argument(
-        "--standard-shape",
-        type=_positive_int,
-        nargs=2,
-        metavar=("N", "V"),
-        help="[N, V] logits of the standard-losses-vs-optax table (default: set by the suite)",
-    )
-    p.add_argument(
-        "--no-standard-losses",
-        action="store_true",
-        help="skip the standard losses vs optax table",
-    )
-    p.add_argument(
-        "--real-shapes",
-        nargs="+",
-        choices=tuple(shapes.MODEL_SHAPES),
-        metavar="NAME",
-        help="heads of the first table, compiled temporaries of forward+backward at the "
-        f"real shapes, compiled only (default: {' '.join(shapes.DEFAULT_MODELS)})",
-    )
-    p.add_argument(
-        "--real-tokens",
-        type=_positive_int,
-        default=8192,
-        metavar="N",
-        help="tokens N of the compiled-temporaries table (default: 8192)",
-    )
-    p.add_argument(
-        "--no-real-shapes",
-        action="store_true",
-        help="skip the compiled-temporaries table at the real shapes",
-    )
-    p.add_argument(
-        "--no-heads",
-        action="store_true",
-        help="skip timing the log-probs and top-K distillation heads against their "
-        "materialized equivalents (on the model-head cases)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        metavar="DIR",
-        help="output directory (default: benchmarks/results/<device_kind>/, e.g. 'cpu' or "
-        "'nvidia-h100-80gb-hbm3')",
-    )
-    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or console tables")
-    p.add_argument("--list", action="store_true", help="list the shapes and contenders, then exit")
+    add, many = p.add_argument, {"nargs": "+", "metavar": "NAME"}
+    add("--suite", choices=cs.SUITES, default="quick", help="quick (default) or full (GPU/TPU)")
+    add("--shapes", choices=(*cs.MODEL_SHAPES, *cs.SERIES), **many, help="heads/series to time")
+    add("--impls", choices=tuple(CONTENDERS), **many, help="contenders to time (default: all)")
+    add("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU, else bf16")
+    add("--tokens", type=_positive, metavar="N", help="tokens of the model heads and vocab sweep")
+    add("--reps", type=_positive, metavar="R", help="most timed rounds (default: the suite's)")
+    add("--standard-shape", type=_positive, nargs=2, metavar=("N", "V"), help="standard losses")
+    add("--no-standard-losses", action="store_true", help="skip the standard losses vs optax")
+    add("--no-heads", action="store_true", help="skip timing the other fused heads")
+    add("--real-shapes", choices=tuple(cs.MODEL_SHAPES), **many, help="compiled-table heads")
+    add("--real-tokens", type=_positive, default=8192, metavar="N", help="their tokens (8192)")
+    add("--no-real-shapes", action="store_true", help="skip the compiled-temporaries tables")
+    add("--no-targets", action="store_true", help="skip the compile-only GPU/TPU targets")
+    add("--targets-out", type=Path, default=RESULTS_DIR, metavar="DIR", help="their directories")
+    add("--out", type=Path, metavar="DIR", help="default: benchmarks/results/<device_kind>/")
+    add("--no-plots", action="store_true", help="no PNG plots")
+    add("--quiet", action="store_true", help="no progress bar or console tables")
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parses the command line (``sys.argv[1:]`` when ``argv`` is None)."""
+    """Parses the suite's command line."""
     return build_parser().parse_args(argv)
 
 
 def slugify(device_kind: str) -> str:
     """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device_kind.lower()).strip("-")
-    return slug or "unknown"
+    return re.sub(r"[^a-z0-9]+", "-", device_kind.lower()).strip("-") or "unknown"
 
 
-def default_dtype(platform: str) -> str:
-    """float32 on CPU (no native bf16 matmul there), bfloat16 on accelerators."""
-    return "float32" if platform == "cpu" else "bfloat16"
-
-
-def _list_text() -> str:
-    lines = ["shapes:"]
-    for s in shapes.MODEL_SHAPES.values():
-        cap = f" softcap={s.softcap:g}" if s.softcap else ""
-        lines.append(f"  {s.name:12s} D={s.d:<5d} V={s.v:<7d}{cap:12s} {s.source}")
-    lines += [f"  {name:12s} series" for name in shapes.SERIES]
-    lines.append("contenders:")
-    lines += [f"  {c.name:19s} {c.description}" for c in CONTENDERS.values()]
-    return "\n".join(lines)
-
-
-def _ratios(argv: list[str]) -> int:
-    from benchmarks import xla_ratios
-
-    xla_ratios.main(argv)
-    return 0
-
-
-def _gpu_check(argv: list[str]) -> int:
-    from benchmarks import gpu_check
-
-    return gpu_check.main(argv)
-
-
-# Other measurements, as `python -m benchmarks MODE ...`.
-MODES = {"ratios": _ratios, "gpu-check": _gpu_check}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the suite; returns the process exit code."""
-    raw_argv = list(sys.argv[1:] if argv is None else argv)
-    if raw_argv and raw_argv[0] in MODES:
-        return MODES[raw_argv[0]](raw_argv[1:])
-    args = parse_args(raw_argv)
-    if args.list:
-        print(_list_text())
-        return 0
-    # Heavy imports after parsing, so that --help and --list are instant.
+def _meta(dtype: str, command: str) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
-    import jaxlib
 
     import fusedloss
-    from benchmarks import contenders, measure, plots, real_shapes, report, runner, standard
+    from benchmarks.contenders import third_party_versions
+
+    d = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device_kind": d.device_kind,
+        "platform": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "fusedloss_version": fusedloss.__version__,
+        "python_version": py_platform.python_version(),
+        "third_party": third_party_versions(),
+        "dtype": dtype,
+        "command": command,
+    }
+
+
+def _write(doc: dict[str, Any], out: Path, plots: bool) -> list[str]:
+    from benchmarks import plots as plots_mod
+    from benchmarks import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = plots_mod.write_plots(doc, out) if plots else []
+    report.write_json(doc, out / "results.json")
+    (out / "results.md").write_text(report.to_markdown(doc, written))
+    return written
+
+
+def run_suite(argv: list[str]) -> int:
+    """The default mode (see ``--help``)."""
+    args = parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import harness, report, suite
     from benchmarks.console import Console
+    from benchmarks.contenders import CONTENDERS, CROSS_ENTROPY, HEADS, ROWS
 
     started = time.perf_counter()
-    device = jax.devices()[0]
     platform = jax.default_backend()
-    device_kind = device.device_kind
-    dtype_name = args.dtype or default_dtype(platform)
-    dtype = jnp.dtype(dtype_name)
-    cfg = shapes.suite_config(args.suite, platform)
+    dtype = jnp.dtype(args.dtype or ("float32" if platform == "cpu" else "bfloat16"))
+    cfg = cs.suite_config(args.suite, platform)
     reps = args.reps or cfg.reps
-    cases = shapes.build_cases(args.shapes, args.suite, platform, args.tokens)
-    chosen = contenders.select(args.impls)
-    out_dir: Path = args.out or RESULTS_DIR / slugify(device_kind)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    real_names = real_shapes.contender_names()
-    real_heads = [] if args.no_real_shapes else (args.real_shapes or shapes.DEFAULT_MODELS)
-    head_cases = [] if args.no_heads else [c for c in cases if c.group == "models"]
-    if args.suite == "quick" and platform == "cpu":
-        # On a small CPU the [N, V] passes dominate: the two narrowest heads say enough.
+    timed = cs.build_cases(args.shapes, args.suite, platform, args.tokens)
+    impls = args.impls or [n for n in CONTENDERS if n != "default"]
+    heads = [] if args.no_heads else [h for h in HEADS.values() if h is not CROSS_ENTROPY]
+    head_cases = [dataclasses.replace(c, modes=("fwd_bwd",)) for c in timed if c.group == "models"]
+    if args.suite == "quick" and platform == "cpu":  # the two narrowest heads say enough
         head_cases = sorted(head_cases, key=lambda c: c.n * c.v)[:2]
-    total = len(cases) * len(chosen) + len(real_heads) * len(real_names) + 4 * len(head_cases)
-    console = Console(total=total, quiet=args.quiet)
-    real: list[dict[str, Any]] = []
+    real_heads = [] if args.no_real_shapes else (args.real_shapes or list(cs.DEFAULT_MODELS))
+    real = [cs.model_case(h, args.real_tokens) for h in real_heads]
+    real_rows = [n for n in ROWS if n != "sharded"]
+    python = None if args.no_targets or not real else targets.interpreter()
+    steps = len(real) * len(real_rows) + len(timed) + len(heads) * len(head_cases) + 1
+    if python:
+        steps += sum(len(targets.ROWS[t[0]]) for t in targets.TARGETS.values()) * len(real)
+    out: Path = args.out or RESULTS_DIR / slugify(jax.devices()[0].device_kind)
+    con = Console(steps, args.quiet)
+    meta = _meta(dtype.name, " ".join(["python -m benchmarks", *map(shlex.quote, argv)]))
+    con.log(f"fusedloss benchmarks: suite={args.suite} {meta['device_kind']} {dtype.name}")
     try:
-        console.log(
-            f"fusedloss benchmarks: suite={args.suite} device={device_kind} ({platform}) "
-            f"dtype={dtype_name} reps≤{reps} cases={len(cases)} contenders={len(chosen)}"
-        )
-        if real_heads:
-            console.log(
-                f"compiled temporaries of fwd+bwd at the real heads, N={args.real_tokens}, "
-                f"{dtype_name} (compiled, not run)"
-            )
-            real = real_shapes.run_real_shapes(
-                real_heads, args.real_tokens, dtype, real_names, console.advance
-            )
-            header, rows = real_shapes.table(real)
-            console.print_table(
-                f"compiled temporaries of fwd+bwd, N={args.real_tokens} {dtype_name} "
-                f"({device_kind}; compiled, not run)",
-                header,
-                rows,
-                name_columns=1,
-            )
-        peak = measure.matmul_peak(cfg.matmul, dtype)
-        console.log(
-            f"matmul peak: {peak.tflops:.3g} TFLOP/s "
-            f"({'x'.join(map(str, peak.shape))} {peak.dtype})"
-        )
-        results = runner.run_cases(
-            cases,
-            chosen,
-            dtype=dtype,
-            reps=reps,
-            max_seconds=cfg.max_seconds,
-            peak_tflops=peak.tflops,
-            listener=console,
-        )
-        heads = real_shapes.time_heads(
-            head_cases,
-            dtype,
-            reps=reps,
-            max_seconds=cfg.max_seconds,
-            advance=console.advance,
-        )
-        if heads:
-            header, rows = real_shapes.heads_table(heads)
-            console.print_table(f"fused heads vs materialized, fwd+bwd, {dtype_name}", header, rows)
-        std: list[dict[str, Any]] = []
+        # The targets compile in subprocesses while the host compiles its own table.
+        launches = targets.launch(python, args.targets_out, real_heads, args.real_tokens,
+                                  con.advance) if python else []  # fmt: skip
+        recs = suite.compile_table(real, real_rows, dtype=dtype, platform=platform,
+                                   advance=con.advance)  # fmt: skip
+        title = f"compiled temporaries, fwd+bwd, N={args.real_tokens} {dtype.name}"
+        if recs:
+            where = f"{meta['device_kind']}; compiled, not run"
+            con.table(f"{title} ({where})", *report.compiled_table(recs))
+        docs, missing = [], None if not real or launches else targets.HOW
+        for launch in launches:
+            got, why = launch.wait()
+            docs, missing = docs + got, missing or why
+        for t in docs:
+            t["meta"]["command"] = meta["command"]
+            _write(t, args.targets_out / t["meta"]["target"], not args.no_plots)
+            con.table(f"{t['meta']['device_kind']}: {title.replace(dtype.name, 'bf16')}"
+                      f" ({targets.NOTE})", *report.compiled_table(t["real_shapes"]))  # fmt: skip
+        if missing:
+            con.log(f"targets: {missing}")
+        peak = harness.matmul_peak(cfg.matmul, dtype)
+        con.log(f"matmul peak: {peak.tflops:.3g} TFLOP/s ({'x'.join(map(str, peak.shape))})")
+        kw = dict(dtype=dtype, reps=reps, max_seconds=cfg.max_seconds, advance=con.advance)
+        results = suite.run_head(CROSS_ENTROPY, timed, impls, peak_tflops=peak.tflops, **kw)
+        for head in heads:
+            rows = [r.name for r in head.rows]
+            results += suite.run_head(head, head_cases, rows, peak_tflops=peak.tflops, **kw)
         if not args.no_standard_losses:
             n, v = args.standard_shape or cfg.standard_losses
-            console.log(f"standard losses vs optax on [{n}, {v}] {dtype_name} logits")
-            std = standard.run_standard(n, v, dtype, reps=reps, max_seconds=cfg.max_seconds)
-        # Measure the peak again at the end and keep the better one: on a shared
-        # machine one measurement can land in a slow moment.
-        again = measure.matmul_peak(cfg.matmul, dtype)
+            results += suite.run_standard(n, v, dtype, reps=reps, max_seconds=cfg.max_seconds)
+        con.advance("standard losses")
+        again = harness.matmul_peak(cfg.matmul, dtype)  # a shared machine: keep the better
         if again.tflops > peak.tflops:
             peak = again
             for r in results:
-                if r["tflops"] is not None:
-                    r["peak_fraction"] = r["tflops"] / peak.tflops
-        console.log(f"matmul peak (best of start and end of the run): {peak.tflops:.3g} TFLOP/s")
+                r["peak_fraction"] = r["tflops"] and r["tflops"] / peak.tflops
     finally:
-        console.close()
-
-    argv_text = " ".join(shlex.quote(a) for a in raw_argv)
-    doc: dict[str, Any] = {
-        "schema_version": report.SCHEMA_VERSION,
-        "meta": {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "device_kind": device_kind,
-            "platform": platform,
-            "device_count": jax.device_count(),
-            "jax_version": jax.__version__,
-            "jaxlib_version": jaxlib.__version__,
-            "fusedloss_version": fusedloss.__version__,
-            "python_version": py_platform.python_version(),
-            "third_party": contenders.third_party_versions(),
-            "suite": args.suite,
-            "dtype": dtype_name,
-            "reps": reps,
-            "max_seconds": cfg.max_seconds,
-            "tokens": args.tokens,
-            "real_tokens": args.real_tokens,
-            "matmul_peak": {
-                "shape": list(peak.shape),
-                "dtype": peak.dtype,
-                "seconds": peak.seconds,
-                "tflops": peak.tflops,
-            },
-            "contenders": [c.name for c in chosen],
-            "command": f"python -m benchmarks {argv_text}".strip(),
-            "total_seconds": time.perf_counter() - started,
-        },
-        "cases": [
-            {
-                "name": c.name,
-                "group": c.group,
-                "model": c.model,
-                "n": c.n,
-                "d": c.d,
-                "v": c.v,
-                "softcap": c.softcap,
-                "modes": list(c.modes),
-                "note": c.note,
-            }
-            for c in cases
-        ],
-        "real_shapes": real,
-        "results": results,
-        "heads": heads,
-        "standard_losses": std,
-    }
-    written = [] if args.no_plots else plots.write_plots(doc, out_dir)
-    doc["meta"]["total_seconds"] = time.perf_counter() - started
-    report.write_json(doc, out_dir / "results.json")
-    (out_dir / "results.md").write_text(report.to_markdown(doc, written))
-
-    summary = Console(total=None, quiet=args.quiet)
-    header, rows = report.summary(doc)
-    if rows:
-        summary.print_table(
-            f"forward+backward vs {BASELINE}: time ratio / temp-bytes ratio",
-            header,
-            rows,
-            name_columns=1,
-        )
-    if not args.no_plots and not written and not plots.matplotlib_available():
-        summary.log("plots skipped: matplotlib is not installed (pip install '.[bench]')")
-    summary.log(
-        f"wrote {out_dir}/results.json, results.md"
-        + (f", {', '.join(written)}" if written else "")
-        + f" in {doc['meta']['total_seconds']:.0f} s"
-    )
-    summary.close()
+        con.close()
+    meta.update(suite=args.suite, reps=reps, max_seconds=cfg.max_seconds)
+    meta["real_tokens"] = args.real_tokens
+    meta["matmul_peak"] = {"shape": list(peak.shape), "dtype": peak.dtype, "tflops": peak.tflops}
+    meta["notes"] = {c.name: c.note for c in timed if c.note}
+    meta["total_seconds"] = time.perf_counter() - started
+    doc = {"schema_version": report.SCHEMA_VERSION, "meta": meta, "real_shapes": recs,
+           "targets": {"docs": docs, "missing": missing}, "results": results}  # fmt: skip
+    written = _write(doc, out, not args.no_plots)
+    end = Console(None, args.quiet)
+    end.table("cross-entropy, forward+backward vs optax: time ratio / temp ratio",
+              *report.summary(results))  # fmt: skip
+    for group in ("models", "heads"):
+        recs_g = [r for r in results if report.group(r) == group and r["mode"] == "fwd_bwd"]
+        end.table(report.GROUPS[group], *report.results_table(recs_g))
+    seconds = meta["total_seconds"]
+    end.log(f"wrote {out}/results.json, results.md {' '.join(written)} in {seconds:.0f} s")
     return 0
+
+
+def run_ratios(argv: list[str]) -> dict[str, float]:
+    """``ratios``: forward+backward of the xla strategies against the materialized path."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks ratios",
+                                description=run_ratios.__doc__.split(": ")[1])  # fmt: skip
+    p.add_argument("--tokens", type=_positive, default=2048)
+    p.add_argument("--d", type=_positive, default=1024)
+    p.add_argument("--vocab", type=_positive, default=32000)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--reps", type=_positive, default=7)
+    p.add_argument("--tied", action="store_true", help="pass w as a [V, D] embedding's .T")
+    a = p.parse_args(argv)
+    import jax
+
+    from benchmarks import suite
+    from benchmarks.contenders import CROSS_ENTROPY
+
+    case = cs.Case("ratios", "ratios", a.tokens, a.d, a.vocab, modes=("fwd_bwd",), tied=a.tied)
+    rows = ["reference", "xla_gif", "xla_recompute"]
+    recs = suite.run_head(CROSS_ENTROPY, [case], rows, dtype=a.dtype, reps=a.reps, max_seconds=1e9)
+    base = next(r["time_s"] for r in recs if r["contender"] == "reference")
+    tied = ", w = embedding.T" if a.tied else ""
+    print(f"N={a.tokens} D={a.d} V={a.vocab} {a.dtype}{tied} on {jax.devices()[0].device_kind}")
+    ratios = {}
+    for r in (r for r in recs if r["status"] == "ok"):
+        ratios[r["contender"]] = r["time_s"] / base
+        print(f"{r['contender']:>14}: {r['time_s'] * 1e3:9.1f} ms  ratio to reference "
+              f"{ratios[r['contender']]:5.2f}x  err dw {r['err_dw']:.1e}")  # fmt: skip
+    return ratios
+
+
+GPU_CASES = {
+    "llama3-8b": cs.Case("llama3-8b", "gpu-check", 8192, 4096, 128256, dtype="bfloat16"),
+    "gemma2-2b": cs.Case("gemma2-2b", "gpu-check", 8192, 2304, 256000, 30.0, dtype="bfloat16"),
+    "llama3-8b-f32": cs.Case("llama3-8b-f32", "gpu-check", 2048, 4096, 128256, dtype="float32"),
+    "gpt2-f32": cs.Case("gpt2-f32", "gpu-check", 8192, 768, 50257, dtype="float32"),
+    "tiny": cs.Case("tiny", "gpu-check", 200, 64, 1000, 30.0, dtype="bfloat16"),  # for tests
+}
+
+
+def run_gpu_check(argv: list[str]) -> int:
+    """``gpu-check``: the Pallas GPU kernel's error budget, time and memory at real heads.
+
+    Every contender's loss, dx and dw are compared with a float32 reference; a fused
+    contender passes when each error is within 1.05x (+1e-6) of the materialized
+    optax baseline's in the same dtype. Exit status 1 when one misses its budget.
+    """
+    p = argparse.ArgumentParser(prog="python -m benchmarks gpu-check", description=__doc__)
+    p.add_argument("--out", type=Path, help="default: benchmarks/results/<device_kind>/")
+    p.add_argument("--cases", nargs="+", choices=tuple(GPU_CASES))
+    p.add_argument("--quick", action="store_true", help="only llama3-8b and gpt2-f32")
+    p.add_argument("--impls", nargs="+", default=["pallas_gpu", "xla_gif", "xla_recompute"])
+    p.add_argument("--reps", type=_positive, default=5)
+    p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (to try it)")
+    a = p.parse_args(argv)
+    import jax
+
+    from benchmarks import harness, report, suite
+    from benchmarks.contenders import CROSS_ENTROPY
+
+    if jax.default_backend() != "gpu" and not a.allow_cpu:
+        print(f"gpu-check needs a GPU; the default backend is {jax.default_backend()!r}.")
+        return 2
+    names = a.cases or (["llama3-8b", "gpt2-f32"] if a.quick else list(GPU_CASES)[:4])
+    gpu = jax.default_backend() == "gpu"
+    peak = harness.matmul_peak((8192,) * 3 if gpu else (512,) * 3, "bfloat16")
+    recs = suite.run_head(CROSS_ENTROPY, [GPU_CASES[n] for n in names], a.impls, dtype=None,
+                          reps=a.reps, max_seconds=1e9, peak_tflops=peak.tflops)  # fmt: skip
+    doc = {"meta": _meta("per case", "python -m benchmarks gpu-check " + " ".join(argv)),
+           "matmul_peak_tflops": peak.tflops, "results": recs}  # fmt: skip
+    out = a.out or RESULTS_DIR / slugify(doc["meta"]["device_kind"])
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(doc, out / "gpu_check.json")
+    text = f"{doc['meta']['device_kind']}, bf16 matmul peak {peak.tflops:.3g} TFLOP/s\n\n"
+    text += "\n".join(report.md_table(report.results_table(recs))) + "\n"
+    text += "".join(f"\n- skipped {s}" for s in report.reasons(recs))
+    (out / "gpu_check.md").write_text(text)
+    print(text)
+    missed = [(r["case"], r["contender"], r["mode"]) for r in recs if r["within_budget"] is False]
+    print(f"error budget missed: {missed}" if missed else "every fused contender within budget")
+    return 1 if missed else 0
+
+
+def _ratios_mode(argv: list[str]) -> int:
+    run_ratios(argv)
+    return 0
+
+
+MODES = {
+    "ratios": _ratios_mode,
+    "gpu-check": run_gpu_check,
+    "targets": targets.main,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the mode named by the first word (default: the suite); the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in MODES:
+        return MODES[argv[0]](argv[1:])
+    return run_suite(argv)

@@ -1,41 +1,21 @@
-"""Console output while the suite runs: a progress bar and a table per finished case.
-
-Uses ``rich`` when installed, else ``tqdm`` for the bar and plain text tables, else
-plain text only. ``quiet`` prints nothing.
-"""
+"""Console output: a progress bar and titled tables (``rich`` if installed, else plain)."""
 
 from __future__ import annotations
 
-import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.report import skipped_lines, table
-from benchmarks.shapes import Case
-
-
-def _plain_table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(*rows, strict=True)]
-    lines = ("  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-    return "\n".join(lines)
-
 
 class Console:
-    """A :class:`benchmarks.runner.Listener` that draws progress and case tables.
+    """``total`` steps for the bar (None: no bar); ``quiet`` prints nothing.
+    :meth:`advance` may be called from another thread (the targets' reader)."""
 
-    Args:
-      total: number of ``(case, contender)`` steps, for the progress bar (None: no
-        bar, tables and lines only).
-      quiet: print nothing.
-    """
-
-    def __init__(self, total: int | None, quiet: bool = False) -> None:
-        self.quiet = quiet
+    def __init__(self, total: int | None = None, quiet: bool = False) -> None:
+        self.quiet, self.done, self.total = quiet, 0, total
+        self._lock = threading.Lock()
         self._rich: Any = None
-        self._out: Any = None  # rich.console.Console
-        self._progress: Any = None
-        self._task: Any = None
-        self._tqdm: Any = None
+        self._bar: Any = None
         if quiet:
             return
         try:
@@ -43,88 +23,59 @@ class Console:
             import rich.progress
             import rich.table
         except ImportError:
-            pass
-        else:
-            self._rich = rich
-            self._out = rich.console.Console()
-            if not self._out.is_terminal:  # logs and CI: do not squeeze tables to 80 columns
-                self._out = rich.console.Console(width=160)
-            if total is not None:
-                self._progress = rich.progress.Progress(
-                    rich.progress.TextColumn("{task.description}"),
-                    rich.progress.BarColumn(),
-                    rich.progress.MofNCompleteColumn(),
-                    rich.progress.TimeElapsedColumn(),
-                    console=self._out,
-                    transient=True,
-                )
-                self._progress.start()
-                self._task = self._progress.add_task("starting", total=total)
             return
-        if total is None:
-            return
-        try:
-            import tqdm
-        except ImportError:
-            return
-        self._tqdm = tqdm.tqdm(total=total, file=sys.stderr, leave=False)
+        self._rich = rich
+        self._out = rich.console.Console()
+        if not self._out.is_terminal:  # logs and CI: do not squeeze tables to 80 columns
+            self._out = rich.console.Console(width=170)
+        if total:
+            self._bar = rich.progress.Progress(
+                rich.progress.TextColumn("{task.description}"),
+                rich.progress.BarColumn(),
+                rich.progress.MofNCompleteColumn(),
+                rich.progress.TimeElapsedColumn(),
+                console=self._out,
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("starting", total=total)
 
     def log(self, message: str) -> None:
-        """Prints a line above the bar."""
+        """A line above the bar."""
         if self.quiet:
             return
-        if self._out is not None:
+        if self._rich:
             self._out.print(message, markup=False, highlight=False)
-        elif self._tqdm is not None:
-            self._tqdm.write(message)
         else:
             print(message, flush=True)
 
     def advance(self, description: str) -> None:
-        """Moves the bar by one step."""
-        if self._progress is not None:
-            self._progress.update(self._task, advance=1, description=description)
-        elif self._tqdm is not None:
-            self._tqdm.set_description_str(description)
-            self._tqdm.update(1)
-        elif not self.quiet:
-            print(f"  done: {description}", flush=True)
+        """One step done."""
+        with self._lock:
+            self.done += 1
+            if self._bar is not None:
+                self._bar.update(self._task, advance=1, description=description[:60])
+            elif not self.quiet and self.total:
+                print(f"[{self.done}/{self.total}] {description}", flush=True)
 
-    def case_done(self, case: Case, records: Sequence[dict[str, Any]]) -> None:
-        """Prints the case's table (and why contenders were skipped)."""
-        if self.quiet:
+    def table(self, title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        """A titled table; the first two columns (names) left-aligned."""
+        if self.quiet or not rows:
             return
-        header, rows = table(records, with_case=False)
-        self.print_table(case.name, header, rows)
-        for line in skipped_lines(records):
-            self.log(f"  skipped {line}")
-
-    def print_table(
-        self,
-        title: str,
-        header: Sequence[str],
-        rows: Sequence[Sequence[str]],
-        name_columns: int = 2,
-    ) -> None:
-        """Prints a titled table; the first ``name_columns`` are left-aligned."""
-        if self.quiet:
-            return
-        if self._out is not None:
+        if self._rich:
             grid = self._rich.table.Table(title=title, title_justify="left")
             for i, h in enumerate(header):
-                # Names on the left, numbers on the right.
-                grid.add_column(h, justify="left" if i < name_columns else "right")
+                grid.add_column(h, justify="left" if i < 2 else "right")
             for cells in rows:
                 grid.add_row(*cells)
             self._out.print(grid)
             return
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
         self.log(title)
-        for line in _plain_table([list(header), *rows]).splitlines():
-            self.log(line)
+        for cells in (header, *rows):
+            self.log("  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)))
 
     def close(self) -> None:
         """Stops the bar."""
-        if self._progress is not None:
-            self._progress.stop()
-        if self._tqdm is not None:
-            self._tqdm.close()
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,14 +1,15 @@
-"""The contenders: every way to compute ``mean(CE(x @ w, labels))`` that the suite times.
+"""What the suite runs: the table of heads, each with its contenders, and their inputs.
 
-Each contender turns a :class:`~benchmarks.shapes.Case` and the shared inputs into a
-:class:`Prepared` loss ``f(x, w_layout, labels) -> scalar mean CE``. Layout changes
-(jax-cce takes ``w`` as ``[V, D]``) happen once in :meth:`Contender.prepare`, outside
-the timed region, and gradients are mapped back to ``[D, V]`` before they are
-compared with the reference.
+A :class:`Head` is one loss computed from ``x [N, D] @ w [D, V]`` (cross-entropy,
+log-probs, top-K distillation); its rows are the ways to compute it, the first being
+the materialized baseline every ratio is taken against and whose float32,
+``precision="highest"`` result is the error reference. **Adding a head is one entry
+in** :data:`HEADS` (usually ``_pair(...)``: the fused function, its materialized
+equivalent and the inputs beyond ``x`` and ``w``); every table (compiled
+temporaries on the host and the targets, timings, errors, plots) picks it up.
 
-A contender that is not installed, does not import, does not support the case (e.g.
-softcap) or the backend raises :class:`Unavailable`; the runner records it as
-``skipped`` with the reason and goes on.
+A contender that is not installed or does not support the case or platform raises
+:class:`Unavailable`; it is reported as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 import fusedloss
-from benchmarks.shapes import Case
+from benchmarks.cases import Case
 
-LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-BASELINE = "optax"
+LossFn = Callable[..., jax.Array]
+TOPK = 64
 
 
 class Unavailable(Exception):
@@ -36,267 +38,336 @@ class Unavailable(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A contender bound to a case.
-
-    Attributes:
-      loss: ``(x [N, D], w, labels [N]) -> float32 scalar`` mean cross-entropy.
-      w: ``w`` in the layout ``loss`` takes.
-      dw_to_dv: maps the gradient w.r.t. ``w`` (in that layout) to ``[D, V]``.
-    """
+    """A loss ``(x, w_in(w), *extras) -> scalar``; ``dw_out`` maps its ``dw`` to ``[D, V]``."""
 
     loss: LossFn
-    w: jax.Array
-    dw_to_dv: Callable[[jax.Array], jax.Array] = lambda dw: dw
+    w_in: Callable[[Any], Any] = lambda w: w
+    dw_out: Callable[[Any], Any] = lambda dw: dw
 
 
 @dataclasses.dataclass(frozen=True)
 class Contender:
-    """A named implementation of the fused linear cross-entropy.
+    """A row: ``make(case, platform) -> Prepared`` (raises :class:`Unavailable`).
 
-    Attributes:
-      name: command-line name (``--impls``).
-      description: one line for tables.
-      family: ``"fusedloss"``, ``"baseline"`` or ``"third-party"``.
-      make: ``(case, w [D, V]) -> Prepared``; raises :class:`Unavailable`.
-      memory_rank: run order inside a case, leanest first, so that a GPU's
-        monotone ``peak_bytes_in_use`` is raised (hence exact) as often as possible.
+    ``rank``: run order inside a case, leanest first, so that a GPU's monotone
+    ``peak_bytes_in_use`` is raised (hence exact) as often as possible.
     """
 
     name: str
     description: str
-    family: str
-    make: Callable[[Case, jax.Array], Prepared]
-    memory_rank: int
+    make: Callable[[Case, str], Prepared]
+    rank: int = 5
 
-    def prepare(self, case: Case, x: jax.Array, w: jax.Array, labels: jax.Array) -> Prepared:
-        """Binds the contender to ``case`` and checks it traces.
 
-        Raises:
-          Unavailable: with the reason, when the contender cannot run the case.
-        """
-        try:
-            prepared = self.make(case, w)
-            # Trace once (no compile, no FLOPs) so unsupported backends or shapes
-            # are caught here rather than in the middle of a timing loop.
-            jax.eval_shape(prepared.loss, x, prepared.w, labels)
-        except Unavailable:
-            raise
-        except Exception as e:  # whatever a contender raises, the suite goes on
-            raise Unavailable(f"{type(e).__name__}: {_first_line(e)}") from e
-        return prepared
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """A loss and its rows; ``rows[0]`` is the materialized baseline.
+
+    ``extras(case, dtype, rng)``: the inputs after ``x`` and ``w`` (``rng`` None:
+    ``jax.ShapeDtypeStruct``s, for compiling without data).
+    """
+
+    name: str
+    rows: tuple[Contender, ...]
+    extras: Callable[[Case, Any, np.random.Generator | None], tuple[Any, ...]]
+
+    @property
+    def baseline(self) -> str:
+        return self.rows[0].name
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {(lines[0] if lines else '')[:limit]}"
 
 
 def _softcap(logits: jax.Array, cap: float | None) -> jax.Array:
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
-# ---- fusedloss and the materialized baseline ------------------------------------------
-
-
-def _make_optax(case: Case, w: jax.Array) -> Prepared:
-    cap = case.softcap
-
-    def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
-        # Exactly what a training loop writes: logits in the input dtype, then optax.
-        logits = _softcap(x @ w, cap)
-        return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    return Prepared(loss, w)
-
-
-def _fusedloss(implementation: str, config: Any = None) -> Callable[[Case, jax.Array], Prepared]:
-    def make(case: Case, w: jax.Array) -> Prepared:
-        def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
-            return fusedloss.linear_cross_entropy(
-                x,
-                w,
-                labels,
-                logit_softcap=case.softcap,
-                implementation=implementation,
-                config=config,
-            )
-
-        return Prepared(loss, w)
-
-    return make
-
-
-def _pallas(implementation: str, platform: str) -> Callable[[Case, jax.Array], Prepared]:
-    inner = _fusedloss(implementation)
-
-    def make(case: Case, w: jax.Array) -> Prepared:
-        backend = jax.default_backend()
-        if backend != platform:
-            raise Unavailable(f"needs a {platform.upper()} backend, this one is {backend}")
-        return inner(case, w)
-
-    return make
-
-
-def _make_sharded(case: Case, w: jax.Array) -> Prepared:
-    n = jax.device_count()
-    if n < 2:
-        raise Unavailable("needs more than one device (vocab-parallel over a 1 x n mesh)")
-    from fusedloss.heads.sharded import sharded_linear_cross_entropy
-
-    mesh = jax.make_mesh((1, n), ("data", "model"))
-
-    def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
-        return sharded_linear_cross_entropy(x, w, labels, mesh=mesh, logit_softcap=case.softcap)
-
-    return Prepared(loss, w)
-
-
-# ---- third party ------------------------------------------------------------------------
-
-
 def _import(module: str, dist: str) -> Any:
     try:
         return importlib.import_module(module)
     except Exception as e:  # an optional dependency may fail in any way on import
-        raise Unavailable(f"{dist} not importable ({type(e).__name__}: {_first_line(e)})") from e
+        raise Unavailable(f"{dist} not installed ({_first_line(e)})") from e
 
 
-def _no_softcap(case: Case, who: str) -> None:
-    if case.softcap is not None:
-        raise Unavailable(f"{who} has no logit softcap (case needs softcap={case.softcap:g})")
+def _needs(platform: str, wanted: str | None) -> None:
+    if wanted is not None and platform != wanted:
+        raise Unavailable(f"{wanted.upper()} only (this platform is {platform})")
 
 
-def _make_jax_cce(case: Case, w: jax.Array) -> Prepared:
-    jax_cce = _import("jax_cce", "jax-cce")
-    _no_softcap(case, "jax-cce")
-
-    def loss(x: jax.Array, w_vd: jax.Array, labels: jax.Array) -> jax.Array:
-        # jax-cce computes mean(CE(x @ w_vd.T, labels)) with w_vd of shape [V, D].
-        return jax_cce.linear_cross_entropy(x, w_vd, labels)
-
-    # A real [V, D] copy (a model with tied embeddings has one for free).
-    w_vd = jax.block_until_ready(jnp.array(w.T))
-    return Prepared(loss, w_vd, dw_to_dv=lambda dw: dw.T)
+def _transpose(w: Any) -> Any:
+    if isinstance(w, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(w.shape[::-1], w.dtype, sharding=w.sharding)
+    return jax.block_until_ready(jnp.array(w.T))  # a real [V, D] copy, outside timing
 
 
-def _tokamax(implementation: str, platform: str | None) -> Callable[[Case, jax.Array], Prepared]:
-    def make(case: Case, w: jax.Array) -> Prepared:
-        tokamax = _import("tokamax", "tokamax")
-        # tokamax reads its absl flags lazily and would parse *our* sys.argv (and fail
-        # on --shapes); its defaults are what we want.
-        flags = _import("absl.flags", "absl-py")
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        _no_softcap(case, "tokamax")
-        backend = jax.default_backend()
-        if platform is not None and backend != platform:
-            raise Unavailable(f"needs a {platform.upper()} backend, this one is {backend}")
+# ---- inputs -------------------------------------------------------------------------------
+
+
+def draw(rng: np.random.Generator | None, shape: tuple[int, ...], dtype: Any, fn: Any) -> Any:
+    """``fn(rng)`` as a device array of ``dtype`` (NumPy on the host: threefry on a CPU
+    backend takes seconds for a head); a ``ShapeDtypeStruct`` when ``rng`` is None."""
+    if rng is None:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.block_until_ready(jnp.asarray(np.asarray(fn(rng), np.float32)).astype(dtype))
+
+
+def inputs(case: Case, head: Head, dtype: Any, seed: int | None = 0) -> tuple[Any, ...]:
+    """``x [N, D]`` ~ N(0, 1), ``w [D, V]`` (logits of std ~2), then the head's extras.
+
+    ``seed`` None gives ``ShapeDtypeStruct``s (nothing allocated).
+    """
+    rng = None if seed is None else np.random.default_rng(seed)
+    n, d, v = case.n, case.d, case.v
+    x = draw(rng, (n, d), dtype, lambda r: r.standard_normal((n, d), np.float32))
+    scale = np.float32(2.0 / math.sqrt(d))
+    w = draw(rng, (d, v), dtype, lambda r: r.standard_normal((d, v), np.float32) * scale)
+    return (x, w, *head.extras(case, dtype, rng))
+
+
+def _labels(case: Case, dtype: Any, rng: np.random.Generator | None) -> tuple[Any, ...]:
+    return (draw(rng, (case.n,), jnp.int32, lambda r: r.integers(0, case.v, case.n)),)
+
+
+def _teacher_topk(case: Case, dtype: Any, rng: np.random.Generator | None) -> tuple[Any, ...]:
+    n, v, k = case.n, case.v, TOPK
+
+    def ids(r: np.random.Generator) -> np.ndarray:  # distinct per token, spread over V
+        picks = r.permuted(np.tile(np.arange(4 * k), (n, 1)), axis=1)[:, :k]
+        return (picks * (v // (4 * k))) % v
+
+    def log_probs(r: np.random.Generator) -> np.ndarray:  # teacher mass 0.9 on its top K
+        z = r.standard_normal((n, k))
+        return z - np.log(np.exp(z).sum(-1, keepdims=True)) + np.log(0.9)
+
+    return draw(rng, (n, k), jnp.int32, ids), draw(rng, (n, k), jnp.float32, log_probs)
+
+
+# ---- cross-entropy contenders -------------------------------------------------------------
+
+
+def _optax(case: Case, platform: str) -> Prepared:
+    optax = _import("optax", "optax")
+
+    def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
+        # What a training loop writes: logits in the input dtype, then optax.
+        logits = _softcap(x @ w, case.softcap)
+        return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return Prepared(loss)
+
+
+def _fused(implementation: str | None, config: Any = None, only: str | None = None) -> Any:
+    def make(case: Case, platform: str) -> Prepared:
+        _needs(platform, only)
 
         def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
-            return tokamax.linear_softmax_cross_entropy_loss(
-                x, labels, w, reduction="mean", implementation=implementation
-            )
+            return fusedloss.linear_cross_entropy(
+                x, w, labels, logit_softcap=case.softcap, implementation=implementation,
+                config=config,
+            )  # fmt: skip
 
-        return Prepared(loss, w)
+        return Prepared(loss)
 
     return make
 
 
-CONTENDERS: dict[str, Contender] = {
-    c.name: c
-    for c in (
+def _sharded(case: Case, platform: str) -> Prepared:
+    n = jax.device_count()
+    if n < 2:
+        raise Unavailable("needs more than one device (vocab-parallel over a 1 x n mesh)")
+    mesh = jax.make_mesh((1, n), ("data", "model"))
+
+    def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
+        return fusedloss.sharded_linear_cross_entropy(
+            x, w, labels, mesh=mesh, logit_softcap=case.softcap
+        )
+
+    return Prepared(loss)
+
+
+def _no_softcap(case: Case, who: str) -> None:
+    if case.softcap is not None:
+        raise Unavailable(f"{who} has no logit softcap (case needs {case.softcap:g})")
+
+
+def _jax_cce(case: Case, platform: str) -> Prepared:
+    jax_cce = _import("jax_cce", "jax-cce")
+    _no_softcap(case, "jax-cce")
+    # jax-cce takes w as [V, D]: a copy made once (a tied embedding has one for free).
+    return Prepared(
+        lambda x, w_vd, labels: jax_cce.linear_cross_entropy(x, w_vd, labels),
+        w_in=_transpose,
+        dw_out=lambda dw: dw.T,
+    )
+
+
+def _tokamax(implementation: str, only: str | None) -> Any:
+    def make(case: Case, platform: str) -> Prepared:
+        tokamax = _import("tokamax", "tokamax")
+        flags = _import("absl.flags", "absl-py")
+        if not flags.FLAGS.is_parsed():  # tokamax would parse *our* sys.argv
+            flags.FLAGS.mark_as_parsed()
+        _no_softcap(case, "tokamax")
+        _needs(platform, only)
+        return Prepared(
+            lambda x, w, labels: tokamax.linear_softmax_cross_entropy_loss(
+                x, labels, w, reduction="mean", implementation=implementation
+            )
+        )
+
+    return make
+
+
+_gif = fusedloss.XlaConfig(strategy="grad_in_forward")
+_recompute = fusedloss.XlaConfig(strategy="recompute")
+CROSS_ENTROPY = Head(
+    "cross_entropy",
+    (
         Contender(
-            BASELINE,
+            "optax",
             "optax.losses.softmax_cross_entropy_with_integer_labels(x @ w, labels).mean()",
-            "baseline",
-            _make_optax,
-            memory_rank=9,
+            _optax,
+            9,
         ),
-        Contender(
-            "reference",
-            "fusedloss implementation='reference' (materialized, float32 logits)",
-            "fusedloss",
-            _fusedloss("reference"),
-            memory_rank=8,
+        Contender("reference", "implementation='reference' (materialized, float32 logits)",
+                  _fused("reference"), 8),
+        Contender("xla_gif", "implementation='xla', strategy='grad_in_forward'",
+                  _fused("xla", _gif), 1),
+        Contender("xla_recompute", "implementation='xla', strategy='recompute'",
+                  _fused("xla", _recompute), 0),
+        Contender("default", "implementation=None (the library's choice for the platform)",
+                  _fused(None), 0),
+        Contender("pallas_gpu", "implementation='pallas_gpu'", _fused("pallas_gpu", only="gpu"), 0),
+        Contender("pallas_tpu", "implementation='pallas_tpu'", _fused("pallas_tpu", only="tpu"), 0),
+        Contender("sharded", "sharded_linear_cross_entropy, vocab-parallel over all devices",
+                  _sharded, 0),
+        Contender("jax_cce", "jax_cce.linear_cross_entropy(x, w.T, labels)", _jax_cce, 2),
+        Contender("tokamax_xla", "tokamax.linear_softmax_cross_entropy_loss(implementation='xla')",
+                  _tokamax("xla", None), 9),
+        Contender("tokamax_mosaic_tpu",
+                  "tokamax.linear_softmax_cross_entropy_loss(implementation='mosaic_tpu')",
+                  _tokamax("mosaic_tpu", "tpu"), 0),
+    ),
+    _labels,
+)  # fmt: skip
+
+
+# ---- the other heads: fused against materialized ------------------------------------------
+
+
+def _pair(name: str, fused: tuple[str, Any], materialized: tuple[str, Any], extras: Any) -> Head:
+    """A head with two rows: ``<name>_materialized`` (the baseline) and ``<name>``.
+
+    ``fused`` / ``materialized``: ``(description, loss_of_case)`` with
+    ``loss_of_case(case) -> (x, w, *extras) -> scalar``.
+    """
+
+    def row(suffix: str, desc: str, of_case: Any, rank: int) -> Contender:
+        return Contender(name + suffix, desc, lambda case, platform: Prepared(of_case(case)), rank)
+
+    return Head(name, (row("_materialized", *materialized, 9), row("", *fused, 0)), extras)
+
+
+def _logits32(x: jax.Array, w: jax.Array, case: Case) -> jax.Array:
+    return _softcap((x @ w).astype(jnp.float32), case.softcap)
+
+
+def _log_probs_fused(case: Case) -> LossFn:
+    def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
+        lp, ent = fusedloss.linear_log_probs(
+            x, w, labels, logit_softcap=case.softcap, return_entropy=True
+        )
+        return lp.sum() + 0.01 * ent.sum()  # both outputs get a backward
+
+    return loss
+
+
+def _log_probs_materialized(case: Case) -> LossFn:
+    def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(_logits32(x, w, case), axis=-1)
+        lp = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+        return lp.sum() + 0.01 * (-(jnp.exp(logp) * logp).sum(-1)).sum()
+
+    return loss
+
+
+def _topk_fused(case: Case) -> LossFn:
+    def loss(x: jax.Array, w: jax.Array, ids: jax.Array, t_lp: jax.Array) -> jax.Array:
+        return fusedloss.linear_topk_distillation_loss(x, w, ids, t_lp, logit_softcap=case.softcap)
+
+    return loss
+
+
+def _topk_materialized(case: Case) -> LossFn:
+    def loss(x: jax.Array, w: jax.Array, ids: jax.Array, t_lp: jax.Array) -> jax.Array:
+        q_k = jnp.take_along_axis(jax.nn.log_softmax(_logits32(x, w, case), -1), ids, axis=-1)
+        p_k = jnp.exp(t_lp)
+        r_p = jnp.clip(1.0 - p_k.sum(-1), 0.0, None)  # the teacher's mass off its top K
+        r_q = jnp.clip(1.0 - jnp.exp(q_k).sum(-1), 1e-30, None)
+        rest = jnp.where(r_p > 0, r_p * (jnp.log(jnp.where(r_p > 0, r_p, 1.0)) - jnp.log(r_q)), 0)
+        return ((p_k * (t_lp - q_k)).sum(-1) + rest).mean()
+
+    return loss
+
+
+HEADS: dict[str, Head] = {
+    h.name: h
+    for h in (
+        CROSS_ENTROPY,
+        _pair(
+            "log_probs",
+            ("fusedloss.linear_log_probs(..., return_entropy=True)", _log_probs_fused),
+            ("log_softmax(x @ w) at the labels, plus entropy", _log_probs_materialized),
+            _labels,
         ),
-        Contender(
-            "xla_gif",
-            "fusedloss implementation='xla', strategy='grad_in_forward'",
-            "fusedloss",
-            _fusedloss("xla", fusedloss.XlaConfig(strategy="grad_in_forward")),
-            memory_rank=1,
-        ),
-        Contender(
-            "xla_recompute",
-            "fusedloss implementation='xla', strategy='recompute'",
-            "fusedloss",
-            _fusedloss("xla", fusedloss.XlaConfig(strategy="recompute")),
-            memory_rank=0,
-        ),
-        Contender(
-            "pallas_gpu",
-            "fusedloss implementation='pallas_gpu'",
-            "fusedloss",
-            _pallas("pallas_gpu", "gpu"),
-            memory_rank=0,
-        ),
-        Contender(
-            "pallas_tpu",
-            "fusedloss implementation='pallas_tpu'",
-            "fusedloss",
-            _pallas("pallas_tpu", "tpu"),
-            memory_rank=0,
-        ),
-        Contender(
-            "sharded",
-            "fusedloss sharded_linear_cross_entropy, vocab-parallel over all devices",
-            "fusedloss",
-            _make_sharded,
-            memory_rank=0,
-        ),
-        Contender(
-            "jax_cce",
-            "jax_cce.linear_cross_entropy(x, w.T, labels) (vocab chunks, recompute)",
-            "third-party",
-            _make_jax_cce,
-            memory_rank=2,
-        ),
-        Contender(
-            "tokamax_xla",
-            "tokamax.linear_softmax_cross_entropy_loss(implementation='xla')",
-            "third-party",
-            _tokamax("xla", None),
-            memory_rank=9,
-        ),
-        Contender(
-            "tokamax_mosaic_tpu",
-            "tokamax.linear_softmax_cross_entropy_loss(implementation='mosaic_tpu')",
-            "third-party",
-            _tokamax("mosaic_tpu", "tpu"),
-            memory_rank=0,
+        _pair(
+            "topk_distill",
+            (f"fusedloss.linear_topk_distillation_loss, K={TOPK}", _topk_fused),
+            (f"top-{TOPK} KL from materialized log_softmax(x @ w)", _topk_materialized),
+            _teacher_topk,
         ),
     )
 }
-DEFAULT_CONTENDERS: tuple[str, ...] = tuple(CONTENDERS)
+CONTENDERS: dict[str, Contender] = {c.name: c for c in CROSS_ENTROPY.rows}
+ROWS: dict[str, tuple[Head, Contender]] = {c.name: (h, c) for h in HEADS.values() for c in h.rows}
+BASELINE = CROSS_ENTROPY.baseline
 
 
-def select(names: Sequence[str] | None) -> list[Contender]:
-    """The contenders named (all by default), the baseline always included first."""
-    names = list(DEFAULT_CONTENDERS) if names is None else list(names)
-    unknown = [n for n in names if n not in CONTENDERS]
-    if unknown:
-        raise ValueError(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}.")
-    if BASELINE not in names:
-        names.insert(0, BASELINE)
-    return [CONTENDERS[n] for n in dict.fromkeys(names)]
+def prepare(head: Head, row: Contender, case: Case, platform: str, args: tuple) -> tuple:
+    """``(fn, args, dw_out)`` of a row bound to a case and inputs ``(x, w, *extras)``;
+    a tied case passes ``w`` as a ``[V, D]`` embedding and the loss sees its ``.T``.
+
+    Raises:
+      Unavailable: with the reason.
+    """
+    try:
+        p = row.make(case, platform)
+        x, w, *extras = args
+        loss, w_arg, dw_out = p.loss, p.w_in(w), p.dw_out
+        if case.tied:
+            inner, inner_out = loss, dw_out
+            w_arg = _transpose(w_arg)
+
+            def loss(x: jax.Array, e: jax.Array, *rest: jax.Array) -> jax.Array:
+                return inner(x, e.T, *rest)
+
+            def dw_out(de: jax.Array) -> jax.Array:
+                return inner_out(de.T)
+
+        return loss, (x, w_arg, *extras), dw_out
+    except Unavailable:
+        raise
+    except Exception as e:  # whatever a contender raises, the suite goes on
+        raise Unavailable(_first_line(e)) from e
 
 
 def third_party_versions() -> dict[str, str | None]:
-    """Installed versions of the optional third-party contenders (None: missing)."""
+    """Installed versions of the optional contenders (None: missing)."""
     out: dict[str, str | None] = {}
-    for dist in ("jax-cce", "tokamax"):
+    for dist in ("optax", "jax-cce", "tokamax"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -4,9 +4,9 @@
 # On a machine with a CUDA GPU and JAX installed with CUDA support
 # (e.g. `pip install -U "jax[cuda12]"` and `pip install -e ".[bench]"`), runs
 #
-#     pytest tests/test_pallas.py              (compiled-kernel tests run on a GPU)
-#     python -m benchmarks.gpu_check --quick   (error budget, time, peak memory)
-#     python -m benchmarks --suite full
+#     pytest tests/test_pallas.py               (compiled-kernel tests run on a GPU)
+#     python -m benchmarks gpu-check --quick    (error budget, time, peak memory)
+#     python -m benchmarks --suite full         (every head and contender, real shapes)
 #
 # which writes results.json, results.md and PNG plots into
 # benchmarks/results/<device_kind>/ (e.g. benchmarks/results/nvidia-h100-80gb-hbm3/).
@@ -39,5 +39,5 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 out="benchmarks/results/$("$PYTHON" -c 'import jax, re; print(re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-"))')"
 mkdir -p "$out"
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_pallas.py 2>&1 | tee "$out/pallas_tests.log"
-"$PYTHON" -m benchmarks.gpu_check --quick --out "$out" 2>&1 | tee "$out/gpu_check.log"
-"$PYTHON" -m benchmarks --suite full "$@"
+"$PYTHON" -m benchmarks gpu-check --quick --out "$out" 2>&1 | tee "$out/gpu_check.log"
+"$PYTHON" -m benchmarks --suite full --no-targets "$@"

@@ -1,0 +1,250 @@
+"""Runs heads x cases x contenders x modes; returns flat records (one per measurement).
+
+Every record, skipped ones included, carries every key of :data:`RESULT_KEYS` (or
+:data:`COMPILED_KEYS` for the compile-only tables), so every table and plot is made
+from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import harness
+from benchmarks.cases import Case
+from benchmarks.contenders import ROWS, Head, Unavailable, draw, inputs, prepare
+
+Advance = Callable[[str], None]
+RESULT_KEYS: tuple[str, ...] = (
+    "case", "group", "head", "contender", "mode", "status", "reason", "n", "d", "v", "dtype",
+    "time_s", "times_s", "compile_s", "temp_bytes", "device_peak_bytes", "device_peak_exact",
+    "flops", "tflops", "peak_fraction", "err_loss", "err_dx", "err_dw", "time_ratio",
+    "temp_ratio", "within_budget",
+)  # fmt: skip
+COMPILED_KEYS: tuple[str, ...] = (
+    "case", "head", "contender", "n", "d", "v", "softcap", "dtype", "status", "reason",
+    "temp_bytes", "compile_s",
+)  # fmt: skip
+# A fused row is within its error budget when each of its errors (loss, dx, dw) is no
+# larger than the materialized baseline's in the same dtype, up to this slack.
+BUDGET_SLACK = (1.05, 1e-6)
+
+
+def _grad(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
+    return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def _reference(head: Head, case: Case, args: tuple, platform: str) -> tuple[Any, Any, Any]:
+    """Loss, dx and dw ([D, V]) of the head's materialized baseline in float32 at
+    ``precision="highest"`` (the next row where the baseline is not installed)."""
+    f32 = tuple(a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in args)
+    for row in head.rows:
+        try:
+            fn, a, dw_out = prepare(head, row, case, platform, f32)
+        except Unavailable:
+            continue
+        with jax.default_matmul_precision("highest"):  # active while tracing
+            value, (dx, dw) = jax.jit(_grad(fn))(*a)
+        return jax.block_until_ready((value, dx, dw_out(dw)))
+    raise RuntimeError(f"no row of {head.name} can run here")
+
+
+def _ratios(records: Sequence[dict[str, Any]], baseline: str) -> None:
+    base = {(r["case"], r["mode"]): r for r in records if r["contender"] == baseline}
+    for r in records:
+        b = base.get((r["case"], r["mode"]))
+        if r["status"] != "ok" or b is None or b["status"] != "ok":
+            continue
+        r["time_ratio"] = r["time_s"] / b["time_s"]
+        if r["temp_bytes"] is not None and b["temp_bytes"]:
+            r["temp_ratio"] = r["temp_bytes"] / b["temp_bytes"]
+        if r is not b and b["err_loss"] is not None:
+            scale, floor = BUDGET_SLACK
+            keys = [k for k in ("err_loss", "err_dx", "err_dw") if b[k] is not None]
+            r["within_budget"] = all(r[k] <= scale * b[k] + floor for k in keys)
+
+
+def _errors(ref: tuple, dw_outs: dict[str, Any], key: str, result: Any) -> dict[str, Any]:
+    name, mode = key.split("|")
+    if mode == "fwd":
+        return {"err_loss": harness.rel_error(result, ref[0])}
+    value, (dx, dw) = result
+    return {
+        "err_loss": harness.rel_error(value, ref[0]),
+        "err_dx": harness.rel_error(dx, ref[1]),
+        "err_dw": harness.rel_error(dw_outs[name](dw), ref[2]),
+    }
+
+
+def run_head(
+    head: Head,
+    cases: Sequence[Case],
+    rows: Sequence[str],
+    *,
+    dtype: Any,
+    reps: int,
+    max_seconds: float,
+    peak_tflops: float | None = None,
+    advance: Advance = lambda _: None,
+) -> list[dict[str, Any]]:
+    """Times ``rows`` of ``head`` (its baseline always included) on every case."""
+    platform = jax.default_backend()
+    names = [head.baseline] + [r for r in rows if r != head.baseline]
+    order = sorted(names, key=lambda n: ROWS[n][1].rank)  # leanest first (device peak)
+    out: list[dict[str, Any]] = []
+    for case in cases:
+        case_dtype = jnp.dtype(case.dtype or dtype)
+        args = inputs(case, head, case_dtype)
+        ref = _reference(head, case, args, platform)
+        recs: dict[tuple[str, str], dict[str, Any]] = {}
+        programs, dw_outs = {}, {}
+        for name in order:
+            for mode in case.modes:
+                rec = dict.fromkeys(RESULT_KEYS)
+                rec.update(case=case.name, group=case.group, head=head.name, contender=name)
+                rec.update(mode=mode, status="skipped", reason="", n=case.n, d=case.d, v=case.v)
+                rec.update(dtype=case_dtype.name, device_peak_exact=False)
+                recs[name, mode] = rec
+            try:
+                fn, a, dw_outs[name] = prepare(head, ROWS[name][1], case, platform, args)
+            except Unavailable as e:
+                for mode in case.modes:
+                    recs[name, mode]["reason"] = str(e)
+                continue
+            for mode in case.modes:
+                programs[f"{name}|{mode}"] = (fn if mode == "fwd" else _grad(fn), a)
+
+        check = functools.partial(_errors, ref, dw_outs)
+        measured = harness.measure(programs, reps=reps, max_seconds=max_seconds, check=check)
+        for key, m in measured.items():
+            rec = recs[tuple(key.split("|"))]
+            if m.failure:
+                rec["reason"] = m.failure
+                continue
+            flops = case.flops(rec["mode"])
+            rec.update(status="ok", time_s=m.median_s, times_s=m.times_s, compile_s=m.compile_s)
+            rec.update(temp_bytes=m.temp_bytes, device_peak_bytes=m.peak_bytes, flops=flops)
+            rec.update(device_peak_exact=m.peak_exact, tflops=flops / m.median_s / 1e12)
+            rec.update(peak_fraction=peak_tflops and rec["tflops"] / peak_tflops, **m.checked)
+        ordered = [recs[name, mode] for name in names for mode in case.modes]
+        _ratios(ordered, head.baseline)
+        out += ordered
+        advance(f"{head.name} {case.name}")
+    return out
+
+
+def compile_table(
+    cases: Sequence[Case],
+    rows: Sequence[str],
+    *,
+    dtype: Any,
+    platform: str,
+    sharding: Any = None,
+    advance: Advance = lambda _: None,
+) -> list[dict[str, Any]]:
+    """Compiled temporaries of forward+backward of every row at every case, compiled
+    for ``platform`` (arguments placed by ``sharding``, e.g. on a compile-only device);
+    nothing runs, so heads whose logits would need tens of GiB cost one compile."""
+
+    def place(s: Any) -> Any:
+        return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) if sharding else s
+
+    out = []
+    for case in cases:
+        for name in rows:
+            head, row = ROWS[name]
+            advance(f"compile {case.name} / {name}")
+            rec = dict.fromkeys(COMPILED_KEYS)
+            rec.update(case=case.name, head=head.name, contender=name, n=case.n, d=case.d)
+            rec.update(v=case.v, softcap=case.softcap, dtype=jnp.dtype(dtype).name, status="ok")
+            specs = tuple(place(s) for s in inputs(case, head, dtype, seed=None))
+            try:
+                fn, args, _ = prepare(head, row, case, platform, specs)
+                rec["temp_bytes"], rec["compile_s"] = harness.compile_only(_grad(fn), args)
+            except Unavailable as e:
+                rec.update(status="skipped", reason=str(e))
+            except Exception as e:  # a compiler error for this target: reported
+                rec.update(status="failed", reason=f"{type(e).__name__}: {e}"[:300])
+            out.append(rec)
+    return out
+
+
+# ---- the standard losses against their optax twins ---------------------------------------
+
+
+def _standard_args(name: str, n: int, v: int, dtype: Any) -> tuple[Any, ...]:
+    r = np.random.default_rng(100)
+    logits = draw(r, (n, v), dtype, lambda r: 2.0 * r.standard_normal((n, v), np.float32))
+
+    def softmax(z: Any) -> Any:
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    if name == "softmax_cross_entropy_with_integer_labels":
+        return logits, draw(r, (n,), jnp.int32, lambda r: r.integers(0, v, n))
+    if name == "softmax_cross_entropy":
+        return logits, draw(r, (n, v), dtype, lambda r: softmax(r.standard_normal((n, v))))
+    if name == "sigmoid_binary_cross_entropy":
+        return logits, draw(r, (n, v), dtype, lambda r: r.integers(0, 2, (n, v)))
+    log_p = draw(r, (n, v), dtype, lambda r: np.log(softmax(2.0 * r.standard_normal((n, v)))))
+    return log_p, draw(r, (n, v), dtype, lambda r: softmax(r.standard_normal((n, v))))
+
+
+STANDARD: tuple[str, ...] = (
+    "softmax_cross_entropy_with_integer_labels",
+    "softmax_cross_entropy",
+    "sigmoid_binary_cross_entropy",
+    "kl_divergence",
+)
+
+
+def _mean_of(fn: Any) -> Callable[..., Any]:
+    return jax.value_and_grad(lambda *a: jnp.mean(fn(*a).astype(jnp.float32)))
+
+
+def _standard_errors(want: Any, impl: str, result: Any) -> dict[str, Any]:
+    return {
+        "err_loss": harness.rel_error(result[0], want[0]),
+        "err_dx": harness.rel_error(result[1], want[1]),
+    }
+
+
+def run_standard(
+    n: int, v: int, dtype: Any, *, reps: int, max_seconds: float, names: Sequence[str] = STANDARD
+) -> list[dict[str, Any]]:
+    """``value_and_grad`` of the mean loss w.r.t. ``[n, v]`` logits, fusedloss against
+    optax (the baseline; its float32 result is the error reference)."""
+    import optax
+
+    import fusedloss
+
+    out = []
+    for name in names:
+        args = _standard_args(name, n, v, dtype)
+
+        f32 = tuple(a.astype(jnp.float32) if a.dtype == dtype else a for a in args)
+        want = jax.jit(_mean_of(getattr(optax.losses, name)))(*f32)
+        programs = {
+            impl: (_mean_of(getattr(mod, name)), args)
+            for impl, mod in (("optax", optax.losses), ("fusedloss", fusedloss))
+        }
+        check = functools.partial(_standard_errors, want)
+        measured = harness.measure(programs, reps=reps, max_seconds=max_seconds, check=check)
+        recs = []
+        for impl, m in measured.items():
+            rec = dict.fromkeys(RESULT_KEYS)
+            rec.update(case=f"[{n}, {v}] logits", group="standard", head=name, contender=impl)
+            rec.update(mode="fwd_bwd", n=n, d=None, v=v, dtype=jnp.dtype(dtype).name)
+            rec.update(status="ok" if not m.failure else "skipped", reason=m.failure or "")
+            if not m.failure:
+                rec.update(time_s=m.median_s, times_s=m.times_s, temp_bytes=m.temp_bytes)
+                rec.update(compile_s=m.compile_s, **m.checked)
+            recs.append(rec)
+        _ratios(recs, "optax")
+        out += recs
+    return out

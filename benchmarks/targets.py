@@ -1,0 +1,182 @@
+"""Compiled temporaries for GPUs and TPUs this machine does not have: compiled, not run.
+
+JAX compiles for *compile-only devices* (``jax.experimental.topologies``) with the
+real XLA GPU and TPU compilers when ``jax[tpu]``, ``jax[cuda12-local]`` and
+``nvidia-cuda-nvcc-cu12`` are installed. They cannot share an environment with the
+ordinary run (the CUDA plugin would register itself), so ``make bench`` builds
+``.venv-targets`` and the suite runs ``python -m benchmarks targets --out DIR`` with
+that interpreter, in a subprocess, while the host compiles its own table. Nothing
+runs on a target: these tables say nothing about speed or numerics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# name -> (platform, topology, GPU target description under tests/targets/)
+TARGETS: dict[str, tuple[str, str, str | None]] = {
+    "h100": ("gpu", "1x1x1", "h100.txtpb"),
+    "a100": ("gpu", "1x1x1", "a100.txtpb"),
+    "tpu-v5e": ("tpu", "v5e:1x1", None),
+    "tpu-v6e": ("tpu", "v6e:1x1", None),
+}
+# A few rows per platform: the materialized cross-entropy, the library's default for
+# the chip and, on GPUs, each other fused head and its materialized equivalent (on
+# TPUs those compile for 20-50 s each here; `--rows` adds them). The host-only
+# baselines (optax, jax-cce, tokamax) are not installed in the targets environment.
+ROWS: dict[str, tuple[str, ...]] = {
+    "gpu": ("reference", "default", "log_probs_materialized", "log_probs",
+            "topk_distill_materialized", "topk_distill"),
+    "tpu": ("reference", "default"),
+}  # fmt: skip
+ROWS_NOTE = {
+    "gpu": "optax, jax-cce and tokamax are not installed in the targets environment",
+    "tpu": "optax, jax-cce and tokamax are not installed in the targets environment; the"
+    " log_probs and topk_distill heads are left out on TPU targets (20-50 s of compile"
+    " each on 2 cores; `python -m benchmarks targets --rows ...` compiles them)",
+}
+# As the Makefile's TARGETS_ENV: JAX_PLATFORMS=cpu (the CUDA plugin needs it without a
+# driver); the TPU_* variables keep libtpu from looking for a TPU host.
+ENV = dict(kv.split("=") for kv in (
+    "JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 TPU_SKIP_MDS_QUERY=1 TPU_WORKER_ID=0"
+    " TPU_ACCELERATOR_TYPE=v5litepod-4 TPU_WORKER_HOSTNAMES=localhost").split())  # fmt: skip
+NOTE = "compiled for the target, not run"
+HOW = (
+    "`make bench` builds `.venv-targets` (jax[tpu], jax[cuda12-local], nvidia-cuda-nvcc-cu12)"
+    " and adds these tables; or set FUSEDLOSS_TARGETS_PYTHON to such an interpreter"
+)
+_MARK = "TARGETS_PROGRESS "
+
+
+def _device(name: str) -> Any:
+    from jax.experimental import topologies
+
+    platform, topology, spec = TARGETS[name]
+    if platform == "gpu":
+        text = (ROOT / "tests" / "targets" / spec).read_text()
+        topo = topologies.get_topology_desc(name, "cuda", target_config=text, topology="1x1x1")
+    else:
+        topo = topologies.get_topology_desc(topology, "tpu", chips_per_host_bounds=(1, 1, 1))
+    return topo.devices[0]
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m benchmarks targets``: compiles the table for each target into
+    ``OUT/<target>/results.json`` (run by the targets interpreter)."""
+    from benchmarks import cases as cases_mod
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks targets", description=__doc__)
+    p.add_argument("--out", type=Path, required=True, help="one directory per target in it")
+    p.add_argument("--targets", nargs="+", choices=tuple(TARGETS), default=list(TARGETS))
+    p.add_argument("--heads", nargs="+", choices=tuple(cases_mod.MODEL_SHAPES))
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--rows", nargs="+", help=f"rows to compile (default: {ROWS})")
+    a = p.parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from benchmarks import suite
+
+    cases = [cases_mod.model_case(h, a.tokens) for h in a.heads or cases_mod.DEFAULT_MODELS]
+    for name in a.targets:
+        started = time.perf_counter()
+        device = _device(name)
+        # A one-device mesh of the target: tracing sees the chip, as under a user's mesh.
+        sharding = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())
+        platform = TARGETS[name][0]
+        rows = a.rows or ROWS[platform]
+        recs = suite.compile_table(
+            cases, rows, dtype=jnp.bfloat16, platform=platform, sharding=sharding,
+            advance=lambda d, t=name: print(f"{_MARK}{t}: {d}", flush=True),
+        )  # fmt: skip
+        meta = {"target": name, "device_kind": device.device_kind, "platform": platform}
+        meta["rows_note"] = None if a.rows else ROWS_NOTE[platform]
+        meta.update(dtype="bfloat16", jax_version=jax.__version__, note=NOTE)
+        meta["total_seconds"] = time.perf_counter() - started
+        (a.out / name).mkdir(parents=True, exist_ok=True)
+        doc = {"meta": meta, "real_shapes": recs}
+        (a.out / name / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+# ---- the launcher, in the main run -----------------------------------------------------------
+
+
+def launch(python: str, out: Path, heads: Sequence[str], tokens: int, advance: Any) -> list:
+    """The GPU and the TPU targets in two subprocesses: both cores compile once the
+    host's own table is done (the TPU compiles take the longest)."""
+    groups = [[n for n, t in TARGETS.items() if t[0] == p] for p in ("gpu", "tpu")]
+    return [Launch(python, out, heads, tokens, advance, names) for names in groups]
+
+
+def interpreter() -> str | None:
+    """``FUSEDLOSS_TARGETS_PYTHON``, else ``.venv-targets/bin/python`` once installed."""
+    env = os.environ.get("FUSEDLOSS_TARGETS_PYTHON")
+    if env:
+        return env
+    venv = ROOT / ".venv-targets"
+    return str(venv / "bin" / "python") if (venv / ".installed").exists() else None
+
+
+class Launch:
+    """Targets compiled in a subprocess; its progress lines advance the caller's bar."""
+
+    def __init__(
+        self, python: str, out: Path, heads: Sequence[str], tokens: int, advance: Any,
+        names: Sequence[str] = tuple(TARGETS),
+    ) -> None:  # fmt: skip
+        import fusedloss
+
+        src = str(Path(fusedloss.__file__).resolve().parents[1])
+        env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), src])}
+        cmd = [python, "-m", "benchmarks", "targets", "--out", str(out), "--tokens", str(tokens)]
+        cmd += ["--targets", *names]
+        self.out, self.names, self.lines = out, names, []
+        for name in names:  # never report an earlier run's tables as this one's
+            (out / name / "results.json").unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [*cmd, "--heads", *heads], cwd=ROOT, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.thread = threading.Thread(target=self._read, args=(advance,), daemon=True)
+        self.thread.start()
+
+    def _read(self, advance: Callable[[str], None]) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(_MARK):
+                advance(line[len(_MARK) :].strip())
+            else:
+                self.lines.append(line.rstrip())
+
+    def wait(self) -> tuple[list[dict[str, Any]], str | None]:
+        """The targets' documents, and why some are missing (None: all there)."""
+        code = self.proc.wait()
+        self.thread.join()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        docs = []
+        for name in self.names:
+            path = self.out / name / "results.json"
+            if path.exists():
+                docs.append(json.loads(path.read_text()))
+        if code == 0:
+            return docs, None
+        tail = " | ".join(line for line in self.lines[-3:] if line)
+        return docs, f"the targets run failed (exit {code}): {tail[-400:]}"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
