@@ -1,9 +1,9 @@
 """What the suite runs: the table of heads, each with its contenders, and their inputs.
 
 A :class:`Head` is one loss computed from ``x [N, D] @ w [D, V]`` (cross-entropy,
-log-probs, top-K distillation); its rows are the ways to compute it, the first being
-the materialized baseline every ratio is taken against and whose float32,
-``precision="highest"`` result is the error reference. **Adding a head is one entry
+log-probs, top-K distillation, distillation against a teacher head); its rows are the
+ways to compute it, the first being the materialized baseline every ratio is taken
+against and whose float32, ``precision="highest"`` result is the error reference. **Adding a head is one entry
 in** :data:`HEADS` (usually ``_pair(...)``: the fused function, its materialized
 equivalent and the inputs beyond ``x`` and ``w``); every table (compiled
 temporaries on the host and the targets, timings, errors, plots) picks it up.
@@ -313,6 +313,34 @@ def _topk_materialized(case: Case) -> LossFn:
     return loss
 
 
+def _teacher_head(case: Case, dtype: Any, rng: np.random.Generator | None) -> tuple[Any, ...]:
+    """A teacher of the student's width: hidden states and a head of logits std ~3."""
+    n, d, v = case.n, case.d, case.v
+    scale = np.float32(3.0 / math.sqrt(d))
+    return (
+        draw(rng, (n, d), dtype, lambda r: r.standard_normal((n, d), np.float32)),
+        draw(rng, (d, v), dtype, lambda r: r.standard_normal((d, v), np.float32) * scale),
+    )
+
+
+def _distill_fused(case: Case) -> LossFn:
+    def loss(x: jax.Array, w: jax.Array, xt: jax.Array, wt: jax.Array) -> jax.Array:
+        return fusedloss.linear_distillation_loss(
+            x, w, xt, wt, logit_softcap=case.softcap, teacher_logit_softcap=case.softcap
+        )
+
+    return loss
+
+
+def _distill_materialized(case: Case) -> LossFn:
+    def loss(x: jax.Array, w: jax.Array, xt: jax.Array, wt: jax.Array) -> jax.Array:
+        log_q = jax.nn.log_softmax(_logits32(x, w, case), -1)
+        log_p = jax.lax.stop_gradient(jax.nn.log_softmax(_logits32(xt, wt, case), -1))
+        return (jnp.exp(log_p) * (log_p - log_q)).sum(-1).mean()
+
+    return loss
+
+
 HEADS: dict[str, Head] = {
     h.name: h
     for h in (
@@ -328,6 +356,18 @@ HEADS: dict[str, Head] = {
             (f"fusedloss.linear_topk_distillation_loss, K={TOPK}", _topk_fused),
             (f"top-{TOPK} KL from materialized log_softmax(x @ w)", _topk_materialized),
             _teacher_topk,
+        ),
+        _pair(
+            "distill",
+            (
+                "fusedloss.linear_distillation_loss (forward KL, teacher of the same width)",
+                _distill_fused,
+            ),
+            (
+                "KL(softmax(xt @ wt) || softmax(x @ w)), both logits materialized",
+                _distill_materialized,
+            ),
+            _teacher_head,
         ),
     )
 }
