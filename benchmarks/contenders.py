@@ -3,9 +3,10 @@
 A :class:`Head` is one loss computed from ``x [N, D] @ w [D, V]`` (cross-entropy,
 log-probs, top-K distillation, distillation against a teacher head); its rows are the
 ways to compute it, the first being the materialized baseline every ratio is taken
-against and whose float32, ``precision="highest"`` result is the error reference. **Adding a head is one entry
-in** :data:`HEADS` (usually ``_pair(...)``: the fused function, its materialized
-equivalent and the inputs beyond ``x`` and ``w``); every table (compiled
+against and whose float32, ``precision="highest"`` result is the error reference.
+**Adding a head is one entry in** :data:`HEADS` (usually ``_pair(...)``: the fused
+function, its materialized equivalent and the inputs beyond ``x`` and ``w``); every
+table (compiled
 temporaries on the host and the targets, timings, errors, plots) picks it up.
 
 A contender that is not installed or does not support the case or platform raises
