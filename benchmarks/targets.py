@@ -36,13 +36,13 @@ TARGETS: dict[str, tuple[str, str, str | None]] = {
 # baselines (optax, jax-cce, tokamax) are not installed in the targets environment.
 ROWS: dict[str, tuple[str, ...]] = {
     "gpu": ("reference", "default", "log_probs_materialized", "log_probs",
-            "topk_distill_materialized", "topk_distill"),
+            "topk_distill_materialized", "topk_distill", "distill_materialized", "distill"),
     "tpu": ("reference", "default"),
 }  # fmt: skip
 ROWS_NOTE = {
     "gpu": "optax, jax-cce and tokamax are not installed in the targets environment",
     "tpu": "optax, jax-cce and tokamax are not installed in the targets environment; the"
-    " log_probs and topk_distill heads are left out on TPU targets (20-50 s of compile"
+    " log_probs, topk_distill and distill heads are left out on TPU targets (20-50 s of compile"
     " each on 2 cores; `python -m benchmarks targets --rows ...` compiles them)",
 }
 # As the Makefile's TARGETS_ENV: JAX_PLATFORMS=cpu (the CUDA plugin needs it without a
