@@ -82,7 +82,7 @@ def make(seed, lead=LEAD):
     return arrays
 
 
-ALL = dict(temperature=1.7, cap=6.0, teacher_cap=5.0, bias=True, teacher_bias=True,
+ALL = dict(beta=0.3, temperature=1.7, cap=6.0, teacher_cap=5.0, bias=True, teacher_bias=True,
            labels=True, a=0.3, ignore_index=-100, where=True, weights=True, shift=1)  # fmt: skip
 # The row loss (reference, materialized, grad_in_forward) and the closed forms of
 # recompute each meet every divergence; every feature at once in most cases.
