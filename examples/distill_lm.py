@@ -32,8 +32,8 @@ two independent runs.
 
 Usage::
 
-    python examples/distill_lm.py            # the default run (about 5 minutes on 2 cores)
-    python examples/distill_lm.py --quick    # a smaller, shorter run (well under a minute)
+    python examples/distill_lm.py            # the default run (about 5 minutes on 2 idle cores)
+    python examples/distill_lm.py --quick    # a smaller, shorter run (about a minute)
 """
 
 from __future__ import annotations
@@ -357,7 +357,7 @@ _DEFAULTS = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small, short run (< 1 minute)")
+    p.add_argument("--quick", action="store_true", help="a small, short run (about a minute)")
     p.add_argument("--teacher-steps", type=int, help="teacher training steps (250)")
     p.add_argument("--steps", type=int, help="student training steps, every variant (150)")
     p.add_argument("--batch-size", type=int)
