@@ -284,8 +284,13 @@ def write_results(path, args, cfgs, corpus, teacher, results, agreement, seconds
         f"- student: d_model={cfg.d_model}, {cfg.num_layers} layer(s), {cfg.num_heads} heads, "
         f"tied head, {corpus['student_params']:,} parameters, {args.steps} steps from one "
         "initialization on the same batches; distillation loss: "
-        f"{fused_what} at temperature {args.temperature:g} (fused and materialized), the "
-        f"K+1-bin forward KL from the teacher's top {args.top_k} log-probabilities (top-k).",
+        f"{fused_what} at temperature {args.temperature:g} (fused and materialized)"
+        + (
+            f", the K+1-bin forward KL from the teacher's top {args.top_k} log-probabilities "
+            "(top-k)."
+            if "top-k" in results
+            else "."
+        ),
         "",
         "| student trained with | " + " | ".join(heads[n] for n in names) + " |",
         "|---|" + "---:|" * len(names),
