@@ -451,6 +451,7 @@ def train(
         "seconds": seconds,
         "other_loss_same_params": same_params_loss,
         "grad_rel_diff": grad_rel,
+        "params": params,  # the trained parameters
     }
 
 

@@ -113,3 +113,35 @@ def test_logistic_regression_lbfgs():
     assert all(b <= a + 1e-6 for a, b in itertools.pairwise(history))  # monotone
     assert out["test_accuracy"] > 0.8  # chance is 0.1
     np.testing.assert_allclose(out["objective"], out["materialized_objective"], rtol=1e-5)
+
+
+def test_distill_lm_fused_and_materialized_agree(train_lm, tmp_path):
+    example = load_example("distill_lm")
+    out = example.main(
+        [
+            "--teacher-steps", "20", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+            "--d-model", "32", "--layers", "1", "--heads", "2", "--student-d-model", "16",
+            "--student-heads", "2", "--vocab-size", "2048", "--lr", "1e-2", "--warmup", "2",
+            "--eval-every", "6", "--eval-batches", "1", "--variants", "fused,materialized",
+            "--no-checks", "--max-mbytes", "0.3", "--chunk-mib", "0.05", "--out", str(tmp_path),
+            "--quiet",
+        ]
+    )  # fmt: skip
+    fused, mat = out["fused"], out["materialized"]
+    assert "top-k" not in out and "labels only" not in out
+    agreement = out["agreement"]
+    # The independent fused and materialized runs agree to float32 rounding, step by
+    # step (training loss) and on the validation cross-entropy.
+    assert agreement["runs_rel"] < 1e-5 and agreement["runs_agree_steps"] == 6
+    np.testing.assert_allclose(fused["final"]["loss"], mat["final"]["loss"], rtol=1e-5)
+    # The distillation loss (a KL divergence, >= 0) falls.
+    assert min(fused["train_loss"]) >= 0
+    assert fused["train_loss"][-1] < 0.8 * fused["train_loss"][0]
+    # 124 x 2048 float32 logits (1 MiB per head): the materialized step holds both
+    # heads' logits, the fused one 0.05 MiB blocks.
+    assert mat["temp_bytes"] > 2 * 124 * 2048 * 4
+    assert fused["temp_bytes"] < 0.6 * mat["temp_bytes"]
+    text = out["results_md"].read_text()
+    assert f"{fused['temp_bytes']:,}" in text and "KL(teacher" in text
+    if out["png"] is not None:
+        assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
