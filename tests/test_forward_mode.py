@@ -286,6 +286,31 @@ def test_vocab_parallel_forward_mode(check_vma=True):
         np.testing.assert_allclose(got, want, **TOL64)
 
 
+def test_sharded_wrapper_forward_mode():
+    """jvp of sharded_linear_cross_entropy on a 2 x 4 (data x model) mesh."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    with jax.enable_x64(True):
+        (x, w, b, _), labels, where, (tx, tw, tb, _) = _data(7)
+        labels = jnp.clip(labels, 0, V - 1)
+        kw = dict(bias=b, where=where, logit_softcap=4.0, z_loss=1e-3)
+
+        def loss(x, w, b):
+            return fl.sharded_linear_cross_entropy(
+                x, w, labels, mesh=mesh, data_axis="data", model_axis="model",
+                implementation="xla", config=fl.XlaConfig(strategy="recompute", **SMALL),
+                **{**kw, "bias": b},
+            )  # fmt: skip
+
+        def ref(x, w, b):
+            return fl.linear_cross_entropy(
+                x, w, labels, implementation="reference", **{**kw, "bias": b}
+            )
+
+        got = jax.jit(lambda a, t: jax.jvp(loss, a, t)[1])((x, w, b), (tx, tw, tb))
+        want = jax.jvp(ref, (x, w, b), (tx, tw, tb))[1]
+        np.testing.assert_allclose(got, want, **TOL64)
+
+
 # ----------------------------------------------------------------------------------
 # Reverse mode keeps its compiled temporaries (compile only)
 # ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Chunked linear cross-entropy in plain JAX (every backend), with a custom VJP.
+"""Chunked linear cross-entropy in plain JAX (every backend), with custom JVPs.
 
 Two strategies, both holding at most one ``[token_chunk, vocab_chunk]`` float32
 block of logits (and its gradient) at a time:
