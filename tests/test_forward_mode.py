@@ -184,6 +184,27 @@ def test_bfloat16_jvp():
         np.testing.assert_allclose(float(g), float(want), rtol=2e-2, atol=2e-2)
 
 
+def test_tied_embeddings_jvp():
+    """w passed as Transposed(embedding) (read in [V, D] row chunks): the tangent of
+    the embedding, both xla strategies."""
+    with jax.enable_x64(True):
+        (x, w, b, weights), labels, where, (tx, tw, tb, _) = _data(5)
+        args, tangents = (x, w.T, b), (tx, tw.T, tb)
+
+        def ours(case):
+            f = ce_ours(case[1], case[2], "mean", labels, where, weights)
+            return lambda x, e, b: f(x, fl.Transposed(e), b)
+
+        run = lambda a, t: [jax.jvp(ours(c), a, t)[1] for c in IMPLS[1:3]]
+        got = jax.jit(run)(args, tangents)
+        ref = functools.partial(
+            ce_oracle, weights=weights, labels=labels, where=where, reduction="mean"
+        )
+        want = jax.jvp(lambda x, e, b: ref(x, e.T, b), args, tangents)[1]
+        for g in got:
+            np.testing.assert_allclose(g, want, **TOL64)
+
+
 # ----------------------------------------------------------------------------------
 # linear_log_probs (temperature, entropy) and linear_topk_distillation_loss (K ids)
 # ----------------------------------------------------------------------------------
