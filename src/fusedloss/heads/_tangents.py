@@ -9,8 +9,11 @@ tangent outputs come from one linear primitive, ``fusedloss_linear_map``:
   transposes its linear part), it runs the core's own backward pass (the chunked
   ``xla`` loops or the Pallas kernels), so reverse mode keeps exactly the residuals,
   the memory and the speed of a ``custom_vjp``;
-- batched (``jax.vmap``, ``jax.jacfwd``) and differentiated again (second order), it
-  is the plain-JAX map under ``jax.vmap`` / ``jax.jvp``.
+- batched (``jax.vmap``, ``jax.jacfwd``), it stays one linear map: the plain-JAX map
+  under ``jax.vmap``, transposed by the backward under ``jax.vmap`` (the gradient of
+  a vmapped head runs the same backward as a vmapped ``custom_vjp``);
+- differentiated again (forward over forward), it is the plain-JAX map under
+  ``jax.jvp``. Forward over reverse (``jax.hessian``) differentiates the backward.
 
 A :class:`LinearRule` names the map (``apply``) and its transpose (``transpose``);
 both take a hashable ``static`` (hyperparameters, plan, which tangents are present)
