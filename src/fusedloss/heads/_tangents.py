@@ -84,7 +84,7 @@ def _transpose(cts, *args, rule, static, num_res, out_avals):
     if any(ad.is_undefined_primal(r) for r in res):
         raise NotImplementedError(f"{rule.name}: the residuals are not linear inputs.")
     cts = [
-        jnp.zeros(a.shape, a.dtype) if type(ct) is ad.Zero else ct
+        jnp.zeros(a.shape, a.dtype) if type(ct) is ad.Zero else jnp.asarray(ct, a.dtype)
         for ct, a in zip(cts, out_avals, strict=True)
     ]
     undefined = tuple(ad.is_undefined_primal(t) for t in lin)
