@@ -349,6 +349,7 @@ TEMP_BYTES = {
     "grad_in_forward": 133_313_736,
     "recompute": 65_579_288,
     "log_probs_entropy": 65_644_840,
+    "vmap_recompute": 432_565_352,  # the gradient of a head vmapped over 4 sequences
 }
 
 
@@ -357,7 +358,13 @@ def _temporaries(name):
     x = jax.ShapeDtypeStruct((n, d), jnp.float32)
     w = jax.ShapeDtypeStruct((d, v), jnp.float32)
     labels = jax.ShapeDtypeStruct((n,), jnp.int32)
-    if name == "log_probs_entropy":
+    if name == "vmap_recompute":
+        x = jax.ShapeDtypeStruct((4, n // 4, d), jnp.float32)
+        labels = jax.ShapeDtypeStruct((4, n // 4), jnp.int32)
+        cfg = fl.XlaConfig(strategy="recompute")
+        ce = lambda x, w, y: fl.linear_cross_entropy(x, w, y, implementation="xla", config=cfg)
+        f = lambda x, w, labels: jnp.sum(jax.vmap(ce, (0, None, 0))(x, w, labels))
+    elif name == "log_probs_entropy":
 
         def f(x, w, labels):
             logp, ent = fl.linear_log_probs(x, w, labels, return_entropy=True, temperature=0.7)

@@ -83,10 +83,13 @@ def _transpose(cts, *args, rule, static, num_res, out_avals):
     res, lin = args[:num_res], args[num_res:]
     if any(ad.is_undefined_primal(r) for r in res):
         raise NotImplementedError(f"{rule.name}: the residuals are not linear inputs.")
-    cts = [
-        jnp.zeros(a.shape, a.dtype) if type(ct) is ad.Zero else jnp.asarray(ct, a.dtype)
-        for ct, a in zip(cts, out_avals, strict=True)
-    ]
+    if rule is _BATCHED:  # zero cotangents are made per example, unbatched
+        cts = [None if type(ct) is ad.Zero else ct for ct in cts]
+    else:
+        cts = [
+            jnp.zeros(a.shape, a.dtype) if type(ct) is ad.Zero else jnp.asarray(ct, a.dtype)
+            for ct, a in zip(cts, out_avals, strict=True)
+        ]
     undefined = tuple(ad.is_undefined_primal(t) for t in lin)
     out = rule.transpose(static, tuple(res), tuple(cts), undefined)
     return [None] * num_res + [o if u else None for o, u in zip(out, undefined, strict=True)]
@@ -96,7 +99,7 @@ def _batch(args, dims, *, rule, static, num_res, out_avals):
     # Batched, it stays one linear map (its transpose the batched backward): the
     # gradient of a vmapped head runs the core's backward under vmap, as a custom_vjp's.
     size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
-    bstatic = (rule, static, tuple(dims[:num_res]), tuple(dims[num_res:]))
+    bstatic = (rule, static, tuple(dims[:num_res]), tuple(dims[num_res:]), out_avals)
     outs = linear_map_p.bind(
         *args,
         rule=_BATCHED,
@@ -108,14 +111,21 @@ def _batch(args, dims, *, rule, static, num_res, out_avals):
 
 
 def _batched_apply(bstatic, res, lin):
-    rule, static, res_dims, lin_dims = bstatic
+    rule, static, res_dims, lin_dims, _ = bstatic
     fn = lambda r, t: tuple(rule.apply(static, r, t))
     return jax.vmap(fn, in_axes=(res_dims, lin_dims))(res, lin)
 
 
 def _batched_transpose(bstatic, res, cts, undefined):
-    rule, static, res_dims, lin_dims = bstatic
-    fn = lambda r, c: tuple(rule.transpose(static, r, c, undefined))
+    rule, static, res_dims, lin_dims, out_avals = bstatic
+
+    def fn(r, c):
+        c = [
+            jnp.zeros(a.shape, a.dtype) if ct is None else ct
+            for ct, a in zip(c, out_avals, strict=True)
+        ]
+        return tuple(rule.transpose(static, r, c, undefined))
+
     out = jax.vmap(fn, in_axes=(res_dims, 0))(res, tuple(cts))
     # A linear input shared by the batch gets the sum of the per-example cotangents.
     return tuple(
