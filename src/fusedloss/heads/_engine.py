@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fusedloss import _ce_math
+from fusedloss.heads import _tangents
 
 
 class Hyper(NamedTuple):
@@ -142,7 +143,7 @@ def require_kernel_support(name: str, platform: str, interpreted: bool, problem,
         raise NotImplementedError(f"{name} supports {_KERNEL_DTYPES} inputs, got {dtype}.")
 
 
-def make_stats_core(forward, backward, name: str):
+def make_stats_core(forward, backward, name: str, chunks=None):
     """A differentiable stats core from a forward and a backward pass.
 
     ``forward(x, w, bias, local_labels, hp, plan) -> TokenStats`` (local column ids)
@@ -152,9 +153,17 @@ def make_stats_core(forward, backward, name: str):
     ``vocab_offset + j`` (a vocabulary shard). ``w`` is ``[D, V]``, or ``[V, D]``
     when ``plan.w_vd``. Only ``(x, w, bias, labels, valid, lse)`` are kept for the
     backward: nothing ``[N, V]``-sized.
-    """
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+    The core is a ``jax.custom_jvp``: its tangents are a linear map of the input
+    tangents (:func:`._tangents.stats_tangents`, in vocabulary chunks of
+    ``chunks(plan, n, v) -> (token_chunk, vocab_chunk)``) whose transpose is
+    ``backward``. Forward mode (``jax.jvp``, ``jax.jacfwd``) evaluates the map;
+    reverse mode transposes it, i.e. runs ``backward`` on the same residuals as a
+    ``custom_vjp`` would.
+    """
+    rule = _tangents.LinearRule(f"{name}_tangents", _stats_apply, _stats_transpose)
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
     def stats_core(x, w, bias, labels, valid, vocab_offset, hp: Hyper, plan):
         return fwd(x, w, bias, labels, valid, vocab_offset, hp, plan)[0]
 
@@ -165,14 +174,70 @@ def make_stats_core(forward, backward, name: str):
         stats = stats._replace(argmax=stats.argmax + offset)
         return stats, (x, w, bias, local, valid, stats.lse, stats.expected_logit)
 
-    def bwd(hp, plan, res, ct):
+    def jvp(hp, plan, primals, tangents):
+        stats, res = _tangents.known_call(functools.partial(fwd, hp=hp, plan=plan), *primals)
         x, w, bias, local, valid, lse, expected = res
-        cts = (ct.lse, ct.label_logit, ct.sum_logits)
-        if hp.entropy:
-            cts = (*cts, ct.expected_logit, expected)
-        dx, dw, db = backward(x, w, bias, local, valid, lse, cts, hp, plan)
-        return dx, dw, db, None, None, None
+        tx, tw, tb = tangents[:3]
+        have = tuple(_tangents.present(t) for t in (tx, tw, tb))
+        if not any(have):  # e.g. only the labels or the offset were "differentiated"
+            t_lse = t_lab = t_sum = t_exp = None
+        else:
+            va = 0 if plan.w_vd else 1
+            n, v = x.shape[0], w.shape[va]
+            tn, vc = _tangents.tangent_chunks(n, v) if chunks is None else chunks(plan, n, v)
+            static = (hp, plan, backward, bias is not None, have, tn, vc, va)
+            stat_avals = [stats.lse, stats.label_logit, stats.sum_logits]
+            if hp.entropy:
+                stat_avals.append(stats.expected_logit)
+            lin = [t for t, h in zip((tx, tw, tb), have, strict=True) if h]
+            res = [r for r in (x, w, bias, local, valid, lse, expected) if r is not None]
+            outs = _tangents.linear_map(rule, static, res, lin, [jax.typeof(a) for a in stat_avals])
+            t_lse, t_lab, t_sum = outs[:3]
+            t_exp = outs[3] if hp.entropy else None
+        zero = _tangents.zero_tangent
+        t_stats = TokenStats(
+            lse=zero(stats.lse) if t_lse is None else t_lse,
+            label_logit=zero(stats.label_logit) if t_lab is None else t_lab,
+            sum_logits=zero(stats.sum_logits) if t_sum is None else t_sum,
+            max_logit=zero(stats.max_logit),  # no tangent (as in reverse mode)
+            argmax=zero(stats.argmax),
+            expected_logit=None
+            if not hp.entropy
+            else (zero(stats.expected_logit) if t_exp is None else t_exp),
+        )
+        return stats, t_stats
 
-    stats_core.defvjp(fwd, bwd)
+    stats_core.defjvp(jvp, symbolic_zeros=True)
     stats_core.__name__ = stats_core.__qualname__ = name
     return stats_core
+
+
+def _unpack_residuals(static, res):
+    hp, _, _, has_bias, _, _, _, _ = static
+    res = list(res)
+    x, w = res.pop(0), res.pop(0)
+    bias = res.pop(0) if has_bias else None
+    local, valid, lse = res.pop(0), res.pop(0), res.pop(0)
+    expected = res.pop(0) if hp.entropy else None
+    return x, w, bias, local, valid, lse, expected
+
+
+def _stats_apply(static, res, lin):
+    hp, _, _, _, have, tn, vc, va = static
+    x, w, bias, local, valid, lse, expected = _unpack_residuals(static, res)
+    lin = list(lin)
+    tx, tw, tb = (lin.pop(0) if h else None for h in have)
+    outs = _tangents.stats_tangents(
+        x, w, bias, local, valid, lse, expected, tx, tw, tb, hp, tn, vc, va
+    )
+    return outs if hp.entropy else outs[:3]
+
+
+def _stats_transpose(static, res, cts, undefined):
+    hp, plan, backward, _, have, _, _, _ = static
+    x, w, bias, local, valid, lse, expected = _unpack_residuals(static, res)
+    cts = tuple(cts)
+    if hp.entropy:
+        cts = (*cts[:3], cts[3], expected)
+    grads = backward(x, w, bias, local, valid, lse, cts, hp, plan)
+    return tuple(g for g, h in zip(grads, have, strict=True) if h)

@@ -1,4 +1,4 @@
-"""Chunked linear cross-entropy in plain JAX (every backend), with a custom VJP.
+"""Chunked linear cross-entropy in plain JAX (every backend), with custom JVPs.
 
 Two strategies, both holding at most one ``[token_chunk, vocab_chunk]`` float32
 block of logits (and its gradient) at a time:
@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from fusedloss import _ce_math
+from fusedloss.heads import _tangents
 from fusedloss.heads._engine import (
     HeadOutput,
     Hyper,
@@ -387,7 +388,15 @@ def _backward(x, w, bias, local_labels, valid, lse, cts, hp: Hyper, plan: XlaPla
     return _stats_backward(x, w, bias, local_labels, valid, 0, lse, cts, hp, plan.tn, plan.vc, va)
 
 
-_recompute_stats = make_stats_core(_forward, _backward, "xla_recompute_stats")
+def _tangent_chunks(plan: XlaPlan, n: int, v: int) -> tuple[int, int]:
+    """Forward mode walks the statistics pass's blocks."""
+    del n, v
+    return plan.tn, plan.vc
+
+
+_recompute_stats = make_stats_core(
+    _forward, _backward, "xla_recompute_stats", chunks=_tangent_chunks
+)
 
 
 def xla_stats(x, w, bias, labels, valid, vocab_offset, hp: Hyper, plan: XlaPlan) -> TokenStats:
@@ -494,7 +503,7 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: 
     return jax.lax.fori_loop(0, nt, t_body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
 def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, plan: XlaPlan):
     # Without differentiation only the statistics are needed: one matmul per block.
     stats = _forward(x, w, bias, labels, hp, plan._replace(tn=_stats_token_chunk(x.shape[0])))
@@ -509,10 +518,59 @@ def _gif_fwd(x, w, bias, labels, valid, coef, hp, plan):
         x, w, bias, labels, valid, coef, hp, plan.tn, plan.vc_acc, va
     )
     loss = _ce_math.nan_if_bad_label(loss, labels, w.shape[va], valid)
-    # Empty arrays carry the primal dtypes the scaled gradients are cast back to.
-    dtypes = (jnp.zeros((0,), w.dtype), None if bias is None else jnp.zeros((0,), bias.dtype))
     total = jnp.sum(jnp.where(valid, loss * coef, 0.0))
-    return (total, lse, arg), (loss, dx, dw, db, dtypes)
+    return (total, lse, arg), (loss, dx, dw, db)
+
+
+def _gif_jvp(hp, plan, primals, tangents):
+    """The loss's tangent is ``<dx, tx> + <dw, tw> + <db, tb> + <loss, tcoef>`` of the
+    gradients the forward pass formed; transposed (reverse mode), it scales them."""
+    w, bias = primals[1], primals[2]
+    gif_fwd = functools.partial(_gif_fwd, hp=hp, plan=plan)
+    (total, lse, arg), (loss, dx, dw, db) = _tangents.known_call(gif_fwd, *primals)
+    tx, tw, tb, _, _, tcoef = tangents
+    have = tuple(_tangents.present(t) for t in (tx, tw, tb, tcoef))
+    if any(have):
+        lin = [t for t, h in zip((tx, tw, tb, tcoef), have, strict=True) if h]
+        res = [loss, dx, dw] + ([] if db is None else [db])
+        b_dtype = None if bias is None else jnp.dtype(bias.dtype)
+        static = (plan, have, jnp.dtype(w.dtype), b_dtype)
+        (t_total,) = _tangents.linear_map(_GIF_RULE, static, res, lin, [jax.typeof(total)])
+    else:
+        t_total = _tangents.zero_tangent(total)
+    zero = _tangents.zero_tangent
+    return (total, lse, arg), (t_total, zero(lse), zero(arg))
+
+
+def _gif_apply(static, res, lin):
+    have = static[1]
+    loss, dx, dw = res[:3]
+    db = res[3] if len(res) > 3 else None
+    acc = _ce_math.acc_dtype(dx.dtype)
+    total = jnp.zeros((), acc)
+    lin = list(lin)
+    # The gradients of the total w.r.t. x, w, bias and coef, against their tangents.
+    for g, h in zip((dx, dw, db, loss), have, strict=True):
+        if h:
+            total = total + jnp.sum(g.astype(acc) * lin.pop(0).astype(acc))
+    return (total,)
+
+
+def _gif_transpose(static, res, cts, undefined):
+    plan, have, w_dtype, b_dtype = static
+    loss, dx, dw = res[:3]
+    db = res[3] if len(res) > 3 else None
+    g = cts[0]
+    grads = [
+        g.astype(dx.dtype) * dx,
+        _scale_in_place(dw, g, w_dtype, plan.vc_acc, 0 if plan.w_vd else 1),
+        None if db is None else (g * db).astype(b_dtype),
+        g * loss,
+    ]
+    return tuple(gr for gr, h in zip(grads, have, strict=True) if h)
+
+
+_GIF_RULE = _tangents.LinearRule("xla_grad_in_forward_tangents", _gif_apply, _gif_transpose)
 
 
 def _scale_in_place(buf, g, out_dtype, chunk: int, axis: int):
@@ -546,20 +604,7 @@ def _scale_in_place(buf, g, out_dtype, chunk: int, axis: int):
     return jax.lax.fori_loop(0, jnp.where(g == 1, 0, steps), body, buf)
 
 
-def _gif_bwd(hp, plan, res, ct):
-    loss, dx, dw, db, (w_dt, b_dt) = res
-    g = ct[0]
-    return (
-        g.astype(dx.dtype) * dx,
-        _scale_in_place(dw, g, w_dt.dtype, plan.vc_acc, 0 if plan.w_vd else 1),
-        None if db is None else (g * db).astype(b_dt.dtype),
-        None,
-        None,
-        g * loss,
-    )
-
-
-_gif_loss.defvjp(_gif_fwd, _gif_bwd)
+_gif_loss.defjvp(_gif_jvp, symbolic_zeros=True)
 
 
 def gif_cross_entropy(x, w, bias, labels, valid, coef, hp: Hyper, plan: XlaPlan) -> HeadOutput:
