@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 import fusedloss
 from fusedloss import Transposed, XlaConfig, linear_distillation_loss
@@ -296,3 +297,32 @@ def test_memory_llama3_8b_student_70b_sized_teacher():
 
     for kw in (dict(), dict(divergence="jsd", reduction="none")):
         assert temp(**kw) <= 2**30, (kw, temp(**kw) / 2**20)
+
+
+@pytest.mark.parametrize("impl,reduction", [("recompute", "none"), ("grad_in_forward", "mean")])
+def test_forward_mode_matches_float64_oracle(impl, reduction):
+    """``jax.jvp`` against the oracle's directional derivatives, and ``check_grads``
+    with its default modes (forward and reverse), in float64."""
+    arr = make(16)
+    _, cfg = IMPLS[impl]
+    lab = arr["labels"] % V
+    with jax.enable_x64(True):
+        f64 = lambda a: jnp.asarray(a, jnp.float64)
+        x, w, b, xt, wt = (f64(arr[k]) for k in ("x", "w", "bias", "xt", "wt"))
+        kw = dict(divergence="jsd", beta=0.3, temperature=1.3, labels=lab, reduction=reduction)
+
+        @jax.jit
+        def fused(x, w, b):
+            return linear_distillation_loss(
+                x, w, xt, wt, bias=b, logit_softcap=5.0, hard_label_weight=0.2,
+                implementation="xla", config=cfg, **kw,
+            )  # fmt: skip
+
+        def want(x, w, b):
+            return oracle(x, w, xt, wt, bias=b, cap=5.0, a=0.2, **kw)
+
+        rng = np.random.default_rng(17)
+        t = tuple(f64(rng.normal(size=a.shape)) for a in (x, w, b))
+        got = jax.jvp(fused, (x, w, b), t)[1]
+        np.testing.assert_allclose(got, jax.jvp(want, (x, w, b), t)[1], rtol=1e-9, atol=1e-12)
+        check_grads(fused, (x, w, b), order=1)

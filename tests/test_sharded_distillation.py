@@ -124,3 +124,21 @@ _COLLECTIVE = re.compile(
     r"=\s*(.*?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
     r"(-start)?\("
 )
+
+
+def test_forward_mode_on_a_mesh():
+    """``jax.jvp`` of the sharded head equals the single-device call's."""
+    d = _data(2)
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    kw = dict(divergence="jsd", reduction="none", config=CFG)
+
+    def sharded(x, w):
+        return fusedloss.sharded_linear_distillation_loss(x, w, d["xt"], d["wt"], mesh=mesh, **kw)
+
+    def single(x, w):
+        return fusedloss.linear_distillation_loss(x, w, d["xt"], d["wt"], **kw)
+
+    t = (d["xt"][..., :1] * d["x"], 0.1 * d["w"])  # any tangents
+    got = jax.jit(lambda x, w: jax.jvp(sharded, (x, w), t)[1])(d["x"], d["w"])
+    want = jax.jit(lambda x, w: jax.jvp(single, (x, w), t)[1])(d["x"], d["w"])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

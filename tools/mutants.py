@@ -264,8 +264,8 @@ MUTANTS = [
     Mutant(
         "teacher-distill-shard-cotangent-not-summed",
         "heads/_distill.py",
-        "    ct = tuple(psum_over(c, axes) for c in ct)\n",
-        "    ct = tuple(ct)\n",
+        "    g_div, g_ce = (psum_over(c, axes) for c in cts)\n",
+        "    g_div, g_ce = cts\n",
         ("test_sharded_distillation.py",),
         "sharded_equals",
     ),

@@ -27,6 +27,10 @@ Three strategies, chosen by :func:`fusedloss.heads.xla.plan` as for the cross-en
     block of both heads and applies the closed-form gradient. Any per-token
     cotangent. The vocabulary may be split over mesh ``axes`` (inside
     ``shard_map``): only per-token scalars cross them.
+
+Both chunked strategies are ``custom_jvp`` rules whose tangents are linear maps
+(:mod:`fusedloss.heads._tangents`): evaluated, forward mode; transposed by JAX,
+exactly the backward described above (reverse mode keeps its residuals and memory).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from fusedloss import _ce_math
+from fusedloss.heads import _tangents
 from fusedloss.heads._engine import Hyper, Problem, cdiv
 from fusedloss.heads._registry import candidates, check_config
 from fusedloss.heads._tokens import psum_over
@@ -52,6 +57,7 @@ from fusedloss.heads.xla import (
     _dx_product,
     _scale_in_place,
     _slice_bias,
+    _stats_token_chunk,
     _vocab_mask,
     _w_slice,
 )
@@ -131,9 +137,13 @@ def materialized_losses(student: Head, teacher: Head, labels, valid, dh: Distill
     return row_losses(z, jax.lax.stop_gradient(u), labels, dh)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
 def _gif_total(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, plan: XlaPlan):
-    return _gif_pass(student, teacher, labels, valid, coefs, dh, plan)[:3]
+    # Without differentiation only the losses are needed: the statistics passes.
+    stats_plan = plan._replace(tn=_stats_token_chunk(student.x.shape[0]))
+    div, ce, _ = _recompute_forward(student, teacher, labels, valid, 0, dh, stats_plan, ())
+    total = jnp.sum(jnp.where(valid, coefs[0] * div + coefs[1] * ce, 0.0))
+    return total, div, ce
 
 
 def _gif_pass(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, plan: XlaPlan):
@@ -186,25 +196,58 @@ def _gif_pass(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, p
     return total, div, ce, dx, dw, db
 
 
-def _gif_fwd(student, teacher, labels, valid, coefs, dh, plan):
-    total, div, ce, dx, dw, db = _gif_pass(student, teacher, labels, valid, coefs, dh, plan)
-    # Empty arrays carry the dtypes the scaled gradients are cast back to.
-    dtypes = tuple(None if a is None else jnp.zeros((0,), a.dtype) for a in student[1:])
-    return (total, div, ce), (div, ce, dx, dw, db, dtypes)
+def _gif_jvp(dh, plan, primals, tangents):
+    """The total's tangent is ``<dx, tx> + <dw, tw> + <db, tb> + <losses, tcoefs>`` of the
+    gradients the forward pass formed; transposed (reverse mode), it scales them."""
+    student = primals[0]
+    gif = lambda *a: _gif_pass(*a, dh, plan)
+    total, div, ce, dx, dw, db = _tangents.known_call(gif, *primals)
+    t_student, t_coefs = tangents[0], tangents[4]
+    lin = (t_student.x, t_student.w, t_student.bias, *t_coefs)
+    have = tuple(_tangents.present(t) for t in lin)
+    zero = _tangents.zero_tangent
+    if not any(have):
+        return (total, div, ce), (zero(total), zero(div), zero(ce))
+    res = [r for r in (dx, dw, db, div, ce) if r is not None]
+    dtypes = tuple(None if a is None else jnp.dtype(a.dtype) for a in student[1:])
+    static = (have, dtypes, plan.vc_acc, 0 if dh.vd else 1)
+    lin = [t for t, h in zip(lin, have, strict=True) if h]
+    (t_total,) = _tangents.linear_map(_GIF_RULE, static, res, lin, [jax.typeof(total)])
+    return (total, div, ce), (t_total, zero(div), zero(ce))
 
 
-def _gif_bwd(dh, plan, res, ct):
-    div, ce, dx, dw, db, (w_dt, b_dt) = res
-    g = ct[0]  # the per-token outputs are side outputs (not differentiated)
-    d_student = Head(
-        (g.astype(dx.dtype) * dx),
-        _scale_in_place(dw, g, w_dt.dtype, plan.vc_acc, 0 if dh.vd else 1),
-        None if db is None else (g * db).astype(b_dt.dtype),
+def _gif_res(res):
+    return (res[0], res[1], res[2], res[3], res[4]) if len(res) == 5 else (*res[:2], None, *res[2:])
+
+
+def _gif_apply(static, res, lin):
+    have = static[0]
+    lin, acc = list(lin), _ce_math.acc_dtype(res[0].dtype)
+    total = jnp.zeros((), acc)
+    for g, h in zip(_gif_res(res), have, strict=True):
+        if h:
+            total = total + jnp.sum(g.astype(acc) * lin.pop(0).astype(acc))
+    return (total,)
+
+
+def _gif_transpose(static, res, cts, undefined):
+    have, (w_dtype, b_dtype), vc_acc, va = static
+    dx, dw, db, div, ce = _gif_res(res)
+    g = cts[0]
+    grads = (
+        g.astype(dx.dtype) * dx,
+        _scale_in_place(dw, g, w_dtype, vc_acc, va),
+        None if db is None else (g * db).astype(b_dtype),
+        g * div,
+        g * ce,
     )
-    return d_student, None, None, None, (g * div, g * ce)
+    return tuple(gr for gr, h in zip(grads, have, strict=True) if h)
 
 
-_gif_total.defvjp(_gif_fwd, _gif_bwd)
+_GIF_RULE = _tangents.LinearRule(
+    "distillation_grad_in_forward_tangents", _gif_apply, _gif_transpose
+)
+_gif_total.defjvp(_gif_jvp, symbolic_zeros=True)
 
 
 def gif_losses(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, plan: XlaPlan):
@@ -443,29 +486,99 @@ def _recompute_backward(student, teacher, labels, valid, offset, sc, g_div, g_ce
     return Head(dx.astype(x.dtype), dw, db)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
 def recompute_losses(student: Head, teacher: Head, labels, valid, offset, dh, plan, axes):
     """Per-token (divergence, cross-entropy); ``student.w``'s column ``j`` is vocabulary
     id ``offset + j``, the rest of the vocabulary lives on the shards of ``axes``."""
     return _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes)[:2]
 
 
-def _recompute_fwd(student, teacher, labels, valid, offset, dh, plan, axes):
-    div, ce, sc = _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes)
-    return (div, ce), (student, teacher, labels, valid, offset, sc)
+def _recompute_jvp(dh, plan, axes, primals, tangents):
+    """Tangents from the closed-form dlogits against the logits' tangents, chunk by
+    chunk; transposed (reverse mode), the recompute backward."""
+    student, teacher, labels, valid, offset = primals
+    fwd = lambda *a: _recompute_forward(*a, dh, plan, axes)
+    div, ce, sc = _tangents.known_call(fwd, *primals)
+    t = tangents[0]
+    lin = (t.x, t.w, t.bias)
+    have = tuple(_tangents.present(a) for a in lin)
+    if not any(have):
+        zero = _tangents.zero_tangent
+        return (div, ce), (zero(div), zero(ce))
+    res = (student, teacher, labels, valid, offset, sc)
+    leaves, tree = jax.tree.flatten(res)
+    static = (dh, plan, axes, have, tree)
+    lin = [a for a, h in zip(lin, have, strict=True) if h]
+    outs = _tangents.linear_map(
+        _RECOMPUTE_RULE, static, leaves, lin, [jax.typeof(div), jax.typeof(ce)]
+    )
+    return (div, ce), tuple(outs)
 
 
-def _recompute_bwd(dh, plan, axes, res, ct):
-    student, teacher, labels, valid, offset, sc = res
+def _recompute_apply(static, leaves, lin):
+    dh, plan, axes, have, tree = static
+    student, teacher, labels, valid, offset, sc = jax.tree.unflatten(tree, leaves)
+    lin = list(lin)
+    tx, tw, tb = (lin.pop(0) if h else None for h in have)
+    x, w, _ = student
+    n = x.shape[0]
+    va = 0 if dh.vd else 1
+    v = w.shape[va]
+    tn, vc = min(plan.tn, n), min(plan.vc, v)
+    dt = _ce_math.acc_dtype(x.dtype)
+    one, zero = jnp.ones((tn,), dt), jnp.zeros((tn,), dt)
+    sc = _Scalars(*(jnp.where(valid, a, 0.0) for a in sc))
+
+    def step(sl, fresh, carry):
+        rows = fresh & sl(valid)
+        x_blk, xt_blk = sl(x), sl(teacher.x)
+        scs = _Scalars(*(sl(a) for a in sc))
+        lab = sl(labels) - offset
+
+        def v_body(j, c):
+            t_div, t_ce = c
+            vstart, vnom = _chunk_start(j, vc, v)
+            cols = vstart + jnp.arange(vc, dtype=jnp.int32)
+            keep = rows[:, None] & _columns(vstart, vnom, vc, offset, dh)[None, :]
+            z, u = _blocks(student, teacher, x_blk, xt_blk, vstart, vc, dh, dt)
+            dz = jnp.zeros_like(z)  # the tangent of the raw student logits
+            if tx is not None:
+                w_blk = _w_slice(w, vstart, vc, va)
+                dz = dz + _logits(sl(tx), w_blk, None, None, dh.vd, dt)
+            if tw is not None:
+                dz = dz + _logits(x_blk, _w_slice(tw, vstart, vc, va), None, None, dh.vd, dt)
+            if tb is not None:
+                dz = dz + _slice_bias(tb, vstart, vc).astype(dt)[None, :]
+            dz = jnp.where(keep, dz, 0.0)
+            g_div = _dlogits(z, u, lab, scs, one, zero, dh, cols)
+            t_div = t_div + jnp.sum(jnp.where(keep, g_div * dz, 0.0), axis=1)
+            if dh.hard:
+                g_ce = _dlogits(z, u, lab, scs, zero, one, dh, cols)
+                t_ce = t_ce + jnp.sum(jnp.where(keep, g_ce * dz, 0.0), axis=1)
+            return t_div, t_ce
+
+        return jax.lax.fori_loop(0, cdiv(v, vc), v_body, carry)
+
+    init = (jnp.zeros((n,), dt), jnp.zeros((n,), dt))
+    t_div, t_ce = _token_loop(n, tn, init, step)
+    return psum_over(t_div, axes), psum_over(t_ce, axes)
+
+
+def _recompute_transpose(static, leaves, cts, undefined):
+    dh, plan, axes, have, tree = static
+    student, teacher, labels, valid, offset, sc = jax.tree.unflatten(tree, leaves)
     # The forward's psum over the vocabulary shards, transposed: inside a shard_map
     # with check_vma=False the cotangent of an output replicated over ``axes`` arrives
     # split among them (``x``'s partial gradients are summed over them on the way out).
-    ct = tuple(psum_over(c, axes) for c in ct)
-    d_student = _recompute_backward(student, teacher, labels, valid, offset, sc, *ct, dh, plan)
-    return d_student, None, None, None, None
+    g_div, g_ce = (psum_over(c, axes) for c in cts)
+    d = _recompute_backward(student, teacher, labels, valid, offset, sc, g_div, g_ce, dh, plan)
+    return tuple(g for g, h in zip(d, have, strict=True) if h)
 
 
-recompute_losses.defvjp(_recompute_fwd, _recompute_bwd)
+_RECOMPUTE_RULE = _tangents.LinearRule(
+    "distillation_recompute_tangents", _recompute_apply, _recompute_transpose
+)
+recompute_losses.defjvp(_recompute_jvp, symbolic_zeros=True)
 
 
 # --------------------------------------------------------------------------------------
