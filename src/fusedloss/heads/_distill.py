@@ -599,20 +599,22 @@ def plan_for(implementation, config, student: Head, dh: Distill, *, needs_stats:
     if usable[0] == "reference":
         return "reference", None
     config = XlaConfig() if config is None else config
-    if config.block_bytes is None:
-        config = dataclasses.replace(config, block_bytes=_BLOCK_BYTES)
     n, d = student.x.shape
     v = student.w.shape[0 if dh.vd else 1]
     problem = Problem(max(n, 1), d, v, student.x.dtype, dh.vd, needs_stats, Hyper())
-    return "xla", xla_plan(config, problem, None)
+    plan = xla_plan(config, problem, None)
+    if plan.strategy == "grad_in_forward" and config.block_bytes is None:
+        plan = xla_plan(dataclasses.replace(config, block_bytes=_GIF_BLOCK_BYTES), problem, None)
+    return "xla", plan
 
 
 _NAMES = ("xla", "reference")
 # Two heads' blocks are alive at once, with their softmaxes: half the cross-entropy's
 # grad_in_forward block keeps the temporaries at a few hundred MiB at real vocabulary
 # sizes (Llama-3-8B with a 70B-sized teacher) while token blocks stay large enough to
-# run at the materialized computation's speed (512 tokens at V=32000).
-_BLOCK_BYTES = 64 * 2**20
+# run near the materialized computation's speed (512 tokens at V=32000). recompute
+# keeps the cross-entropy's blocks.
+_GIF_BLOCK_BYTES = 64 * 2**20
 
 
 def distillation_losses(
