@@ -170,6 +170,18 @@ def test_linear_cross_entropy_hessian():
             )
 
 
+@pytest.mark.parametrize("case", PALLAS, ids=_ids(PALLAS))
+def test_pallas_hessian(case):
+    """jax.hessian through the kernels (interpret mode): the forward kernel is
+    differentiated by the core's tangent map and the backward kernel as the plain-JAX
+    backward, so second order needs no derivative of a kernel."""
+    with jax.enable_x64(True):
+        ours, ref, args, _ = _ce_case(case, "mean", seed=3)
+        got = jax.jit(jax.hessian(ours, 2))(*args)
+        want = jax.hessian(ref, 2)(*args)
+        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+
+
 def test_bfloat16_jvp():
     """bf16 inputs (both xla strategies): the tangent is accumulated in float32."""
     cases = [_ce_case(c, "mean", seed=4, dtype=jnp.bfloat16) for c in IMPLS[1:3]]

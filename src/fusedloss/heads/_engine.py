@@ -143,7 +143,7 @@ def require_kernel_support(name: str, platform: str, interpreted: bool, problem,
         raise NotImplementedError(f"{name} supports {_KERNEL_DTYPES} inputs, got {dtype}.")
 
 
-def make_stats_core(forward, backward, name: str, chunks=None):
+def make_stats_core(forward, backward, name: str, chunks=None, second_order=None):
     """A differentiable stats core from a forward and a backward pass.
 
     ``forward(x, w, bias, local_labels, hp, plan) -> TokenStats`` (local column ids)
@@ -160,7 +160,13 @@ def make_stats_core(forward, backward, name: str, chunks=None):
     ``backward``. Forward mode (``jax.jvp``, ``jax.jacfwd``) evaluates the map;
     reverse mode transposes it, i.e. runs ``backward`` on the same residuals as a
     ``custom_vjp`` would.
+
+    Passes JAX cannot differentiate (Pallas kernels) take ``second_order``, a plain-JAX
+    ``backward``: for second order (``jax.hessian``) the forward pass is then
+    differentiated by this rule itself, and ``backward`` as ``second_order``.
     """
+    if second_order is not None:
+        backward = _differentiated_as(backward, second_order)
     rule = _tangents.LinearRule(f"{name}_tangents", _stats_apply, _stats_transpose)
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
@@ -175,7 +181,11 @@ def make_stats_core(forward, backward, name: str, chunks=None):
         return stats, (x, w, bias, local, valid, stats.lse, stats.expected_logit)
 
     def jvp(hp, plan, primals, tangents):
-        stats, res = _tangents.known_call(functools.partial(fwd, hp=hp, plan=plan), *primals)
+        known = functools.partial(fwd, hp=hp, plan=plan)
+        if second_order is None:
+            stats, res = _tangents.known_call(known, *primals)
+        else:
+            stats, res = _known_by_rule(known, functools.partial(jvp, hp, plan), *primals)
         x, w, bias, local, valid, lse, expected = res
         tx, tw, tb = tangents[:3]
         have = tuple(_tangents.present(t) for t in (tx, tw, tb))
@@ -210,6 +220,40 @@ def make_stats_core(forward, backward, name: str, chunks=None):
     stats_core.defjvp(jvp, symbolic_zeros=True)
     stats_core.__name__ = stats_core.__qualname__ = name
     return stats_core
+
+
+def _differentiated_as(backward, plain):
+    """``backward`` whose derivative is that of ``plain`` (the same linear map)."""
+
+    def call(x, w, bias, local, valid, lse, cts, hp, plan):
+        def run(fn):
+            return lambda *a: fn(*a, hp, plan)
+
+        f = jax.custom_jvp(run(backward))
+        f.defjvp(lambda primals, tangents: jax.jvp(run(plain), primals, tangents))
+        return f(x, w, bias, local, valid, lse, cts)
+
+    return call
+
+
+def _known_by_rule(fwd, rule, *args):
+    """``fwd(*args) -> (stats, residuals)`` as one call, differentiated by the stats
+    core's own rule (the residuals' tangents: the inputs' and the statistics')."""
+
+    @jax.custom_jvp
+    def call(*a):
+        return fwd(*a)
+
+    def call_jvp(primals, tangents):
+        stats, t_stats = rule(primals, tangents)
+        res = fwd(*primals)[1]
+        tx, tw, tb = tangents[:3]
+        zero = _tangents.zero_tangent
+        t_res = (tx, tw, tb, zero(res[3]), zero(res[4]), t_stats.lse, t_stats.expected_logit)
+        return (stats, res), (t_stats, t_res)
+
+    call.defjvp(call_jvp, symbolic_zeros=True)
+    return call(*args)
 
 
 def _unpack_residuals(static, res):

@@ -62,6 +62,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from fusedloss import _ce_math
+from fusedloss.heads import xla
 from fusedloss.heads._engine import (
     Hyper,
     Problem,
@@ -599,7 +600,9 @@ def _backward_dlogits(st: _Static, plan: _Plan, x, w, bias, valid, head, row_arg
 # --------------------------------------------------------------------------------------
 
 
-pallas_gpu_stats = make_stats_core(_forward, _backward, "pallas_gpu_stats")
+pallas_gpu_stats = make_stats_core(
+    _forward, _backward, "pallas_gpu_stats", second_order=xla.plain_backward
+)
 
 
 def plan(config: PallasGpuConfig | None, problem: Problem, target: Target) -> _Plan:

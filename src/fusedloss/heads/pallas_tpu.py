@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from fusedloss import _ce_math
+from fusedloss.heads import xla
 from fusedloss.heads._engine import (
     Hyper,
     Problem,
@@ -491,7 +492,9 @@ def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
 # --------------------------------------------------------------------------------------
 
 
-pallas_tpu_stats = make_stats_core(_forward, _backward, "pallas_tpu_stats")
+pallas_tpu_stats = make_stats_core(
+    _forward, _backward, "pallas_tpu_stats", second_order=xla.plain_backward
+)
 
 
 def plan(config: PallasTpuConfig | None, problem: Problem, target: Target) -> _Plan:

@@ -394,6 +394,14 @@ def _tangent_chunks(plan: XlaPlan, n: int, v: int) -> tuple[int, int]:
     return plan.tn, plan.vc
 
 
+def plain_backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan):
+    """``J^T . cts`` of the statistics in plain JAX (recompute's loops) for any backend's
+    plan: how a kernel's backward is differentiated for second order."""
+    va = 0 if plan.w_vd else 1
+    tn, vc = _tangents.tangent_chunks(x.shape[0], w.shape[va])
+    return _stats_backward(x, w, bias, labels, valid, 0, lse, cts, hp, tn, vc, va)
+
+
 _recompute_stats = make_stats_core(
     _forward, _backward, "xla_recompute_stats", chunks=_tangent_chunks
 )
