@@ -326,3 +326,17 @@ def test_forward_mode_matches_float64_oracle(impl, reduction):
         got = jax.jvp(fused, (x, w, b), t)[1]
         np.testing.assert_allclose(got, jax.jvp(want, (x, w, b), t)[1], rtol=1e-9, atol=1e-12)
         check_grads(fused, (x, w, b), order=1)
+
+
+def test_hessian_matches_float64_oracle():
+    """Second order (forward over reverse) w.r.t. the bias, recompute strategy."""
+    arr = make(18)
+    _, cfg = IMPLS["recompute"]
+    with jax.enable_x64(True):
+        f64 = lambda a: jnp.asarray(a, jnp.float64)
+        x, w, b, xt, wt = (f64(arr[k]) for k in ("x", "w", "bias", "xt", "wt"))
+        kw = dict(divergence="jsd", beta=0.3, temperature=1.3)
+        fused = lambda b: linear_distillation_loss(x, w, xt, wt, bias=b, config=cfg, **kw)
+        got = jax.jit(jax.hessian(fused))(b)
+        want = jax.hessian(lambda b: oracle(x, w, xt, wt, bias=b, **kw))(b)
+        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-12)
