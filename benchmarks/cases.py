@@ -13,32 +13,6 @@ from collections.abc import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelShape:
-    """An LM head ``w [d, v]``; ``softcap``: the model's final-logit softcap."""
-
-    name: str
-    d: int
-    v: int
-    softcap: float | None = None
-    source: str = ""
-
-
-MODEL_SHAPES: dict[str, ModelShape] = {
-    s.name: s
-    for s in (
-        ModelShape("tiny", 64, 1000, source="small synthetic head for tests"),
-        ModelShape("gpt2", 768, 50257, source="GPT-2 small (n_embd, vocab_size)"),
-        ModelShape("llama3-8b", 4096, 128256, source="Llama-3-8B (hidden_size, vocab_size)"),
-        ModelShape("gemma2-2b", 2304, 256000, 30.0, "Gemma-2-2B (final_logit_softcapping=30)"),
-        ModelShape("qwen2.5-7b", 3584, 152064, source="Qwen-2.5-7B (hidden_size, vocab_size)"),
-    )
-}
-DEFAULT_MODELS: tuple[str, ...] = ("gpt2", "llama3-8b", "gemma2-2b", "qwen2.5-7b")
-SERIES: tuple[str, ...] = ("vocab_sweep", "token_sweep")
-SUITES: tuple[str, ...] = ("quick", "full")
-
-
-@dataclasses.dataclass(frozen=True)
 class Case:
     """One problem: ``x [n, d]``, ``w [d, v]`` (``[v, d]`` passed transposed if ``tied``).
 
@@ -61,6 +35,22 @@ class Case:
         """Useful matmul FLOPs: ``2 N D V`` forward, ``6 N D V`` forward+backward
         (implementations that recompute the logits do more and get the same credit)."""
         return (2 if mode == "fwd" else 6) * self.n * self.d * self.v
+
+
+# The published LM heads (hidden size, vocabulary; Gemma-2's final_logit_softcapping).
+MODEL_SHAPES: dict[str, Case] = {
+    c.name: c
+    for c in (
+        Case("tiny", "models", 0, 64, 1000),  # a small synthetic head for tests
+        Case("gpt2", "models", 0, 768, 50257),
+        Case("llama3-8b", "models", 0, 4096, 128256),
+        Case("gemma2-2b", "models", 0, 2304, 256000, 30.0),
+        Case("qwen2.5-7b", "models", 0, 3584, 152064),
+    )
+}
+DEFAULT_MODELS: tuple[str, ...] = ("gpt2", "llama3-8b", "gemma2-2b", "qwen2.5-7b")
+SERIES: tuple[str, ...] = ("vocab_sweep", "token_sweep")
+SUITES: tuple[str, ...] = ("quick", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +89,16 @@ CONFIGS: dict[tuple[str, bool], SuiteConfig] = {
 }  # fmt: skip
 
 
+# The error budget of `python -m benchmarks gpu-check`, per case dtype.
+GPU_CASES: dict[str, Case] = {
+    "llama3-8b": Case("llama3-8b", "gpu-check", 8192, 4096, 128256, dtype="bfloat16"),
+    "gemma2-2b": Case("gemma2-2b", "gpu-check", 8192, 2304, 256000, 30.0, dtype="bfloat16"),
+    "llama3-8b-f32": Case("llama3-8b-f32", "gpu-check", 2048, 4096, 128256, dtype="float32"),
+    "gpt2-f32": Case("gpt2-f32", "gpu-check", 8192, 768, 50257, dtype="float32"),
+    "tiny": Case("tiny", "gpu-check", 200, 64, 1000, 30.0, dtype="bfloat16"),  # for tests
+}
+
+
 def suite_config(suite: str, platform: str) -> SuiteConfig:
     """The scaling of ``suite`` on ``platform`` (``jax.default_backend()``)."""
     return CONFIGS[(suite, platform != "cpu")]
@@ -111,7 +111,7 @@ def model_case(name: str, tokens: int, max_dv: int | None = None) -> Case:
     if max_dv is not None and s.d * s.v > max_dv:
         d = max(64, (max_dv // s.v) // 64 * 64)  # a multiple of 64, like real heads
     note = "" if d == s.d else f"D scaled {s.d}->{d} (real D*V too slow for this suite)"
-    return Case(s.name, "models", tokens, d, s.v, s.softcap, note=note)
+    return dataclasses.replace(s, n=tokens, d=d, note=note)
 
 
 def build_cases(

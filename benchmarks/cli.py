@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import platform as py_platform
 import re
@@ -87,111 +86,120 @@ def slugify(device_kind: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_kind.lower()).strip("-") or "unknown"
 
 
-def _meta(dtype: str, command: str) -> dict[str, Any]:
+def _meta(dtype: str, command: Sequence[str], **more: Any) -> dict[str, Any]:
     import jax
 
     import fusedloss
     from benchmarks.contenders import third_party_versions
 
-    d = jax.devices()[0]
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device_kind": d.device_kind,
+        "device_kind": jax.devices()[0].device_kind,
         "platform": jax.default_backend(),
         "jax_version": jax.__version__,
         "fusedloss_version": fusedloss.__version__,
         "python_version": py_platform.python_version(),
         "third_party": third_party_versions(),
         "dtype": dtype,
-        "command": command,
+        "command": " ".join(["python -m benchmarks", *map(shlex.quote, command)]),
+        **more,
     }
 
 
-def _write(doc: dict[str, Any], out: Path, plots: bool) -> list[str]:
+def _write(doc: dict[str, Any], out: Path, plots: bool, stem: str = "results") -> list[str]:
+    """``<stem>.json``, ``<stem>.md`` and (``plots``) the PNGs; returns the PNGs' names."""
     from benchmarks import plots as plots_mod
     from benchmarks import report
 
     out.mkdir(parents=True, exist_ok=True)
     written = plots_mod.write_plots(doc, out) if plots else []
-    report.write_json(doc, out / "results.json")
-    (out / "results.md").write_text(report.to_markdown(doc, written))
+    report.write_json(doc, out / f"{stem}.json")
+    (out / f"{stem}.md").write_text(report.to_markdown(doc, written))
     return written
+
+
+def _timed(jobs: Sequence[tuple], matmul: tuple[int, int, int], dtype: Any, **kw: Any) -> tuple:
+    """``(records, matmul peak)`` of ``suite.run_head(head, cases, rows)`` for each job;
+    the peak is measured before and after (a shared machine: the better one is kept)."""
+    from benchmarks import harness, suite
+
+    peak = harness.matmul_peak(matmul, dtype)
+    results = []
+    for head, head_cases, rows in jobs:
+        results += suite.run_head(
+            head, head_cases, rows, dtype=dtype, peak_tflops=peak.tflops, **kw
+        )
+    again = harness.matmul_peak(matmul, dtype)
+    peak = max(peak, again, key=lambda p: p.tflops)
+    for r in results:
+        r["peak_fraction"] = r["tflops"] and r["tflops"] / peak.tflops
+    return results, peak
+
+
+def _peak_meta(peak: Any) -> dict[str, Any]:
+    return {"shape": list(peak.shape), "dtype": peak.dtype, "tflops": peak.tflops}
 
 
 def run_suite(argv: list[str]) -> int:
     """The default mode (see ``--help``)."""
     args = parse_args(argv)
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
-    from benchmarks import harness, report, suite
+    from benchmarks import report, suite
     from benchmarks.console import Console
     from benchmarks.contenders import CONTENDERS, CROSS_ENTROPY, HEADS, ROWS
 
-    started = time.perf_counter()
-    platform = jax.default_backend()
+    started, platform = time.perf_counter(), jax.default_backend()
     dtype = jnp.dtype(args.dtype or ("float32" if platform == "cpu" else "bfloat16"))
     cfg = cs.suite_config(args.suite, platform)
     reps = args.reps or cfg.reps
     timed = cs.build_cases(args.shapes, args.suite, platform, args.tokens)
-    impls = args.impls or [n for n in CONTENDERS if n != "default"]
-    heads = [] if args.no_heads else [h for h in HEADS.values() if h is not CROSS_ENTROPY]
+    jobs = [(CROSS_ENTROPY, timed, args.impls or [n for n in CONTENDERS if n != "default"])]
     head_cases = [dataclasses.replace(c, modes=("fwd_bwd",)) for c in timed if c.group == "models"]
     if args.suite == "quick" and platform == "cpu":  # the two narrowest heads say enough
         head_cases = sorted(head_cases, key=lambda c: c.n * c.v)[:2]
+    if not args.no_heads:
+        jobs += [(h, head_cases, [r.name for r in h.rows]) for h in HEADS.values()][1:]
     real_heads = [] if args.no_real_shapes else (args.real_shapes or list(cs.DEFAULT_MODELS))
     real = [cs.model_case(h, args.real_tokens) for h in real_heads]
     real_rows = [n for n in ROWS if n != "sharded"]
     python = None if args.no_targets or not real else targets.interpreter()
-    steps = len(real) * len(real_rows) + len(timed) + len(heads) * len(head_cases) + 1
-    if python:
-        steps += sum(len(targets.ROWS[t[0]]) for t in targets.TARGETS.values()) * len(real)
+    steps = len(real) * len(real_rows) + sum(len(j[1]) for j in jobs) + 1
+    steps += targets.steps(len(real)) if python else 0
     out: Path = args.out or RESULTS_DIR / slugify(jax.devices()[0].device_kind)
     con = Console(steps, args.quiet)
-    meta = _meta(dtype.name, " ".join(["python -m benchmarks", *map(shlex.quote, argv)]))
+    meta = _meta(dtype.name, argv, suite=args.suite, reps=reps, max_seconds=cfg.max_seconds)
     con.log(f"fusedloss benchmarks: suite={args.suite} {meta['device_kind']} {dtype.name}")
+    title = f"compiled temporaries, fwd+bwd, N={args.real_tokens}"
     try:
         # The targets compile in subprocesses while the host compiles its own table.
         launches = targets.launch(python, args.targets_out, real_heads, args.real_tokens,
                                   con.advance) if python else []  # fmt: skip
         recs = suite.compile_table(real, real_rows, dtype=dtype, platform=platform,
                                    advance=con.advance)  # fmt: skip
-        title = f"compiled temporaries, fwd+bwd, N={args.real_tokens} {dtype.name}"
-        if recs:
-            where = f"{meta['device_kind']}; compiled, not run"
-            con.table(f"{title} ({where})", *report.compiled_table(recs))
-        docs, missing = [], None if not real or launches else targets.HOW
-        for launch in launches:
-            got, why = launch.wait()
-            docs, missing = docs + got, missing or why
+        con.table(f"{title} {dtype.name} ({meta['device_kind']}; compiled, not run)",
+                  *report.compiled_table(recs))  # fmt: skip
+        docs, missing = targets.collect(launches) if launches else ([], real and targets.HOW)
         for t in docs:
             t["meta"]["command"] = meta["command"]
             _write(t, args.targets_out / t["meta"]["target"], not args.no_plots)
-            con.table(f"{t['meta']['device_kind']}: {title.replace(dtype.name, 'bf16')}"
-                      f" ({targets.NOTE})", *report.compiled_table(t["real_shapes"]))  # fmt: skip
+            con.table(f"{t['meta']['device_kind']}: {title} bf16 ({targets.NOTE})",
+                      *report.compiled_table(t["real_shapes"]))  # fmt: skip
         if missing:
             con.log(f"targets: {missing}")
-        peak = harness.matmul_peak(cfg.matmul, dtype)
+        kw = dict(reps=reps, max_seconds=cfg.max_seconds, advance=con.advance)
+        results, peak = _timed(jobs, cfg.matmul, dtype, **kw)
         con.log(f"matmul peak: {peak.tflops:.3g} TFLOP/s ({'x'.join(map(str, peak.shape))})")
-        kw = dict(dtype=dtype, reps=reps, max_seconds=cfg.max_seconds, advance=con.advance)
-        results = suite.run_head(CROSS_ENTROPY, timed, impls, peak_tflops=peak.tflops, **kw)
-        for head in heads:
-            rows = [r.name for r in head.rows]
-            results += suite.run_head(head, head_cases, rows, peak_tflops=peak.tflops, **kw)
         if not args.no_standard_losses:
             n, v = args.standard_shape or cfg.standard_losses
             results += suite.run_standard(n, v, dtype, reps=reps, max_seconds=cfg.max_seconds)
         con.advance("standard losses")
-        again = harness.matmul_peak(cfg.matmul, dtype)  # a shared machine: keep the better
-        if again.tflops > peak.tflops:
-            peak = again
-            for r in results:
-                r["peak_fraction"] = r["tflops"] and r["tflops"] / peak.tflops
     finally:
         con.close()
-    meta.update(suite=args.suite, reps=reps, max_seconds=cfg.max_seconds)
-    meta["real_tokens"] = args.real_tokens
-    meta["matmul_peak"] = {"shape": list(peak.shape), "dtype": peak.dtype, "tflops": peak.tflops}
+    meta.update(real_tokens=args.real_tokens, matmul_peak=_peak_meta(peak))
     meta["notes"] = {c.name: c.note for c in timed if c.note}
     meta["total_seconds"] = time.perf_counter() - started
     doc = {"schema_version": report.SCHEMA_VERSION, "meta": meta, "real_shapes": recs,
@@ -210,8 +218,7 @@ def run_suite(argv: list[str]) -> int:
 
 def run_ratios(argv: list[str]) -> dict[str, float]:
     """``ratios``: forward+backward of the xla strategies against the materialized path."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks ratios",
-                                description=run_ratios.__doc__.split(": ")[1])  # fmt: skip
+    p = argparse.ArgumentParser(prog="python -m benchmarks ratios", description=run_ratios.__doc__)
     p.add_argument("--tokens", type=_positive, default=2048)
     p.add_argument("--d", type=_positive, default=1024)
     p.add_argument("--vocab", type=_positive, default=32000)
@@ -227,24 +234,14 @@ def run_ratios(argv: list[str]) -> dict[str, float]:
     case = cs.Case("ratios", "ratios", a.tokens, a.d, a.vocab, modes=("fwd_bwd",), tied=a.tied)
     rows = ["reference", "xla_gif", "xla_recompute"]
     recs = suite.run_head(CROSS_ENTROPY, [case], rows, dtype=a.dtype, reps=a.reps, max_seconds=1e9)
-    base = next(r["time_s"] for r in recs if r["contender"] == "reference")
+    recs = {r["contender"]: r for r in recs if r["status"] == "ok"}
     tied = ", w = embedding.T" if a.tied else ""
     print(f"N={a.tokens} D={a.d} V={a.vocab} {a.dtype}{tied} on {jax.devices()[0].device_kind}")
-    ratios = {}
-    for r in (r for r in recs if r["status"] == "ok"):
-        ratios[r["contender"]] = r["time_s"] / base
-        print(f"{r['contender']:>14}: {r['time_s'] * 1e3:9.1f} ms  ratio to reference "
-              f"{ratios[r['contender']]:5.2f}x  err dw {r['err_dw']:.1e}")  # fmt: skip
+    ratios = {name: r["time_s"] / recs["reference"]["time_s"] for name, r in recs.items()}
+    for name, r in recs.items():
+        print(f"{name:>14}: {r['time_s'] * 1e3:9.1f} ms  ratio to reference "
+              f"{ratios[name]:5.2f}x  err dw {r['err_dw']:.1e}")  # fmt: skip
     return ratios
-
-
-GPU_CASES = {
-    "llama3-8b": cs.Case("llama3-8b", "gpu-check", 8192, 4096, 128256, dtype="bfloat16"),
-    "gemma2-2b": cs.Case("gemma2-2b", "gpu-check", 8192, 2304, 256000, 30.0, dtype="bfloat16"),
-    "llama3-8b-f32": cs.Case("llama3-8b-f32", "gpu-check", 2048, 4096, 128256, dtype="float32"),
-    "gpt2-f32": cs.Case("gpt2-f32", "gpu-check", 8192, 768, 50257, dtype="float32"),
-    "tiny": cs.Case("tiny", "gpu-check", 200, 64, 1000, 30.0, dtype="bfloat16"),  # for tests
-}
 
 
 def run_gpu_check(argv: list[str]) -> int:
@@ -256,7 +253,7 @@ def run_gpu_check(argv: list[str]) -> int:
     """
     p = argparse.ArgumentParser(prog="python -m benchmarks gpu-check", description=__doc__)
     p.add_argument("--out", type=Path, help="default: benchmarks/results/<device_kind>/")
-    p.add_argument("--cases", nargs="+", choices=tuple(GPU_CASES))
+    p.add_argument("--cases", nargs="+", choices=tuple(cs.GPU_CASES))
     p.add_argument("--quick", action="store_true", help="only llama3-8b and gpt2-f32")
     p.add_argument("--impls", nargs="+", default=["pallas_gpu", "xla_gif", "xla_recompute"])
     p.add_argument("--reps", type=_positive, default=5)
@@ -264,47 +261,31 @@ def run_gpu_check(argv: list[str]) -> int:
     a = p.parse_args(argv)
     import jax
 
-    from benchmarks import harness, report, suite
     from benchmarks.contenders import CROSS_ENTROPY
 
-    if jax.default_backend() != "gpu" and not a.allow_cpu:
+    gpu = jax.default_backend() == "gpu"
+    if not gpu and not a.allow_cpu:
         print(f"gpu-check needs a GPU; the default backend is {jax.default_backend()!r}.")
         return 2
-    names = a.cases or (["llama3-8b", "gpt2-f32"] if a.quick else list(GPU_CASES)[:4])
-    gpu = jax.default_backend() == "gpu"
-    peak = harness.matmul_peak((8192,) * 3 if gpu else (512,) * 3, "bfloat16")
-    recs = suite.run_head(CROSS_ENTROPY, [GPU_CASES[n] for n in names], a.impls, dtype=None,
-                          reps=a.reps, max_seconds=1e9, peak_tflops=peak.tflops)  # fmt: skip
-    doc = {"meta": _meta("per case", "python -m benchmarks gpu-check " + " ".join(argv)),
-           "matmul_peak_tflops": peak.tflops, "results": recs}  # fmt: skip
-    out = a.out or RESULTS_DIR / slugify(doc["meta"]["device_kind"])
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_json(doc, out / "gpu_check.json")
-    text = f"{doc['meta']['device_kind']}, bf16 matmul peak {peak.tflops:.3g} TFLOP/s\n\n"
-    text += "\n".join(report.md_table(report.results_table(recs))) + "\n"
-    text += "".join(f"\n- skipped {s}" for s in report.reasons(recs))
-    (out / "gpu_check.md").write_text(text)
-    print(text)
+    started = time.perf_counter()
+    names = a.cases or (["llama3-8b", "gpt2-f32"] if a.quick else list(cs.GPU_CASES)[:4])
+    jobs = [(CROSS_ENTROPY, [cs.GPU_CASES[n] for n in names], a.impls)]
+    recs, peak = _timed(jobs, (8192,) * 3 if gpu else (512,) * 3, "bfloat16", reps=a.reps,
+                        max_seconds=1e9)  # fmt: skip
+    meta = _meta("per case", ["gpu-check", *argv], suite="gpu-check", reps=a.reps)
+    meta.update(matmul_peak=_peak_meta(peak), total_seconds=time.perf_counter() - started)
+    out = a.out or RESULTS_DIR / slugify(meta["device_kind"])
+    _write({"meta": meta, "results": recs}, out, False, "gpu_check")
+    print((out / "gpu_check.md").read_text())
     missed = [(r["case"], r["contender"], r["mode"]) for r in recs if r["within_budget"] is False]
     print(f"error budget missed: {missed}" if missed else "every fused contender within budget")
     return 1 if missed else 0
 
 
-def _ratios_mode(argv: list[str]) -> int:
-    run_ratios(argv)
-    return 0
-
-
-MODES = {
-    "ratios": _ratios_mode,
-    "gpu-check": run_gpu_check,
-    "targets": targets.main,
-}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the mode named by the first word (default: the suite); the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in MODES:
-        return MODES[argv[0]](argv[1:])
+    modes = {"ratios": lambda a: 0 if run_ratios(a) else 1, "gpu-check": run_gpu_check}
+    if argv and argv[0] in (*modes, "targets"):
+        return {**modes, "targets": targets.main}[argv[0]](argv[1:])
     return run_suite(argv)

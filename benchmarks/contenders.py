@@ -5,9 +5,8 @@ log-probs, top-K distillation, distillation against a teacher head); its rows ar
 ways to compute it, the first being the materialized baseline every ratio is taken
 against and whose float32, ``precision="highest"`` result is the error reference.
 **Adding a head is one entry in** :data:`HEADS` (usually ``_pair(...)``: the fused
-function, its materialized equivalent and the inputs beyond ``x`` and ``w``); every
-table (compiled
-temporaries on the host and the targets, timings, errors, plots) picks it up.
+loss, its materialized equivalent and the inputs beyond ``x`` and ``w``); every table
+(compiled temporaries on the host and the targets, timings, errors, plots) picks it up.
 
 A contender that is not installed or does not support the case or platform raises
 :class:`Unavailable`; it is reported as skipped with the reason.
@@ -16,6 +15,7 @@ A contender that is not installed or does not support the case or platform raise
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import math
@@ -28,6 +28,7 @@ import numpy as np
 
 import fusedloss
 from benchmarks.cases import Case
+from benchmarks.harness import first_line
 
 LossFn = Callable[..., jax.Array]
 TOPK = 64
@@ -49,10 +50,8 @@ class Prepared:
 @dataclasses.dataclass(frozen=True)
 class Contender:
     """A row: ``make(case, platform) -> Prepared`` (raises :class:`Unavailable`).
-
     ``rank``: run order inside a case, leanest first, so that a GPU's monotone
-    ``peak_bytes_in_use`` is raised (hence exact) as often as possible.
-    """
+    ``peak_bytes_in_use`` is raised (hence exact) as often as possible."""
 
     name: str
     description: str
@@ -62,11 +61,8 @@ class Contender:
 
 @dataclasses.dataclass(frozen=True)
 class Head:
-    """A loss and its rows; ``rows[0]`` is the materialized baseline.
-
-    ``extras(case, dtype, rng)``: the inputs after ``x`` and ``w`` (``rng`` None:
-    ``jax.ShapeDtypeStruct``s, for compiling without data).
-    """
+    """A loss and its rows (``rows[0]``: the materialized baseline); ``extras(case,
+    dtype, rng)``: the inputs after ``x`` and ``w`` (``rng`` None: shapes only)."""
 
     name: str
     rows: tuple[Contender, ...]
@@ -77,25 +73,29 @@ class Head:
         return self.rows[0].name
 
 
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {(lines[0] if lines else '')[:limit]}"
-
-
 def _softcap(logits: jax.Array, cap: float | None) -> jax.Array:
     return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def _logits32(x: jax.Array, w: jax.Array, case: Case) -> jax.Array:
+    return _softcap((x @ w).astype(jnp.float32), case.softcap)
 
 
 def _import(module: str, dist: str) -> Any:
     try:
         return importlib.import_module(module)
     except Exception as e:  # an optional dependency may fail in any way on import
-        raise Unavailable(f"{dist} not installed ({_first_line(e)})") from e
+        raise Unavailable(f"{dist} not installed ({first_line(e, 160)})") from e
 
 
 def _needs(platform: str, wanted: str | None) -> None:
     if wanted is not None and platform != wanted:
         raise Unavailable(f"{wanted.upper()} only (this platform is {platform})")
+
+
+def _no_softcap(case: Case, who: str) -> None:
+    if case.softcap is not None:
+        raise Unavailable(f"{who} has no logit softcap (case needs {case.softcap:g})")
 
 
 def _transpose(w: Any) -> Any:
@@ -115,16 +115,16 @@ def draw(rng: np.random.Generator | None, shape: tuple[int, ...], dtype: Any, fn
     return jax.block_until_ready(jnp.asarray(np.asarray(fn(rng), np.float32)).astype(dtype))
 
 
-def inputs(case: Case, head: Head, dtype: Any, seed: int | None = 0) -> tuple[Any, ...]:
-    """``x [N, D]`` ~ N(0, 1), ``w [D, V]`` (logits of std ~2), then the head's extras.
+def _normal(rng: Any, shape: tuple[int, int], dtype: Any, scale: float = 1.0) -> Any:
+    return draw(rng, shape, dtype, lambda r: r.standard_normal(shape, np.float32) * scale)
 
-    ``seed`` None gives ``ShapeDtypeStruct``s (nothing allocated).
-    """
+
+def inputs(case: Case, head: Head, dtype: Any, seed: int | None = 0) -> tuple[Any, ...]:
+    """``x [N, D]`` ~ N(0, 1), ``w [D, V]`` (logits of std ~2), then the head's extras;
+    ``seed`` None gives ``ShapeDtypeStruct``s (nothing allocated)."""
     rng = None if seed is None else np.random.default_rng(seed)
-    n, d, v = case.n, case.d, case.v
-    x = draw(rng, (n, d), dtype, lambda r: r.standard_normal((n, d), np.float32))
-    scale = np.float32(2.0 / math.sqrt(d))
-    w = draw(rng, (d, v), dtype, lambda r: r.standard_normal((d, v), np.float32) * scale)
+    x = _normal(rng, (case.n, case.d), dtype)
+    w = _normal(rng, (case.d, case.v), dtype, 2.0 / math.sqrt(case.d))
     return (x, w, *head.extras(case, dtype, rng))
 
 
@@ -146,6 +146,12 @@ def _teacher_topk(case: Case, dtype: Any, rng: np.random.Generator | None) -> tu
     return draw(rng, (n, k), jnp.int32, ids), draw(rng, (n, k), jnp.float32, log_probs)
 
 
+def _teacher_head(case: Case, dtype: Any, rng: np.random.Generator | None) -> tuple[Any, ...]:
+    """A teacher of the student's width: hidden states and a head of logits std ~3."""
+    xt = _normal(rng, (case.n, case.d), dtype)
+    return xt, _normal(rng, (case.d, case.v), dtype, 3.0 / math.sqrt(case.d))
+
+
 # ---- cross-entropy contenders -------------------------------------------------------------
 
 
@@ -160,49 +166,27 @@ def _optax(case: Case, platform: str) -> Prepared:
     return Prepared(loss)
 
 
-def _fused(implementation: str | None, config: Any = None, only: str | None = None) -> Any:
+def _fused(impl: str | None, config: Any = None, only: str | None = None, mesh: bool = False):
     def make(case: Case, platform: str) -> Prepared:
         _needs(platform, only)
-
-        def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
-            return fusedloss.linear_cross_entropy(
-                x, w, labels, logit_softcap=case.softcap, implementation=implementation,
-                config=config,
-            )  # fmt: skip
-
-        return Prepared(loss)
+        if not mesh:
+            kw = dict(implementation=impl, config=config)
+            fn = fusedloss.linear_cross_entropy
+        elif jax.device_count() < 2:
+            raise Unavailable("needs more than one device (vocab-parallel over a 1 x n mesh)")
+        else:
+            kw = dict(mesh=jax.make_mesh((1, jax.device_count()), ("data", "model")))
+            fn = fusedloss.sharded_linear_cross_entropy
+        return Prepared(functools.partial(fn, logit_softcap=case.softcap, **kw))
 
     return make
-
-
-def _sharded(case: Case, platform: str) -> Prepared:
-    n = jax.device_count()
-    if n < 2:
-        raise Unavailable("needs more than one device (vocab-parallel over a 1 x n mesh)")
-    mesh = jax.make_mesh((1, n), ("data", "model"))
-
-    def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
-        return fusedloss.sharded_linear_cross_entropy(
-            x, w, labels, mesh=mesh, logit_softcap=case.softcap
-        )
-
-    return Prepared(loss)
-
-
-def _no_softcap(case: Case, who: str) -> None:
-    if case.softcap is not None:
-        raise Unavailable(f"{who} has no logit softcap (case needs {case.softcap:g})")
 
 
 def _jax_cce(case: Case, platform: str) -> Prepared:
     jax_cce = _import("jax_cce", "jax-cce")
     _no_softcap(case, "jax-cce")
     # jax-cce takes w as [V, D]: a copy made once (a tied embedding has one for free).
-    return Prepared(
-        lambda x, w_vd, labels: jax_cce.linear_cross_entropy(x, w_vd, labels),
-        w_in=_transpose,
-        dw_out=lambda dw: dw.T,
-    )
+    return Prepared(jax_cce.linear_cross_entropy, w_in=_transpose, dw_out=lambda dw: dw.T)
 
 
 def _tokamax(implementation: str, only: str | None) -> Any:
@@ -213,10 +197,9 @@ def _tokamax(implementation: str, only: str | None) -> Any:
             flags.FLAGS.mark_as_parsed()
         _no_softcap(case, "tokamax")
         _needs(platform, only)
+        fn = tokamax.linear_softmax_cross_entropy_loss
         return Prepared(
-            lambda x, w, labels: tokamax.linear_softmax_cross_entropy_loss(
-                x, labels, w, reduction="mean", implementation=implementation
-            )
+            lambda x, w, labels: fn(x, labels, w, reduction="mean", implementation=implementation)
         )
 
     return make
@@ -224,15 +207,12 @@ def _tokamax(implementation: str, only: str | None) -> Any:
 
 _gif = fusedloss.XlaConfig(strategy="grad_in_forward")
 _recompute = fusedloss.XlaConfig(strategy="recompute")
+_TOKAMAX = "tokamax.linear_softmax_cross_entropy_loss(implementation="
 CROSS_ENTROPY = Head(
     "cross_entropy",
     (
-        Contender(
-            "optax",
-            "optax.losses.softmax_cross_entropy_with_integer_labels(x @ w, labels).mean()",
-            _optax,
-            9,
-        ),
+        Contender("optax", "optax.losses.softmax_cross_entropy_with_integer_labels("
+                  "x @ w, labels).mean()", _optax, 9),
         Contender("reference", "implementation='reference' (materialized, float32 logits)",
                   _fused("reference"), 8),
         Contender("xla_gif", "implementation='xla', strategy='grad_in_forward'",
@@ -244,12 +224,10 @@ CROSS_ENTROPY = Head(
         Contender("pallas_gpu", "implementation='pallas_gpu'", _fused("pallas_gpu", only="gpu"), 0),
         Contender("pallas_tpu", "implementation='pallas_tpu'", _fused("pallas_tpu", only="tpu"), 0),
         Contender("sharded", "sharded_linear_cross_entropy, vocab-parallel over all devices",
-                  _sharded, 0),
+                  _fused(None, mesh=True), 0),
         Contender("jax_cce", "jax_cce.linear_cross_entropy(x, w.T, labels)", _jax_cce, 2),
-        Contender("tokamax_xla", "tokamax.linear_softmax_cross_entropy_loss(implementation='xla')",
-                  _tokamax("xla", None), 9),
-        Contender("tokamax_mosaic_tpu",
-                  "tokamax.linear_softmax_cross_entropy_loss(implementation='mosaic_tpu')",
+        Contender("tokamax_xla", _TOKAMAX + "'xla')", _tokamax("xla", None), 9),
+        Contender("tokamax_mosaic_tpu", _TOKAMAX + "'mosaic_tpu')",
                   _tokamax("mosaic_tpu", "tpu"), 0),
     ),
     _labels,
@@ -260,118 +238,75 @@ CROSS_ENTROPY = Head(
 
 
 def _pair(name: str, fused: tuple[str, Any], materialized: tuple[str, Any], extras: Any) -> Head:
-    """A head with two rows: ``<name>_materialized`` (the baseline) and ``<name>``.
+    """A head with two rows, ``<name>_materialized`` (the baseline) and ``<name>``, from
+    ``(description, loss(case, x, w, *extras) -> scalar)``."""
 
-    ``fused`` / ``materialized``: ``(description, loss_of_case)`` with
-    ``loss_of_case(case) -> (x, w, *extras) -> scalar``.
-    """
-
-    def row(suffix: str, desc: str, of_case: Any, rank: int) -> Contender:
-        return Contender(name + suffix, desc, lambda case, platform: Prepared(of_case(case)), rank)
+    def row(suffix: str, desc: str, loss: Any, rank: int) -> Contender:
+        make = lambda case, platform: Prepared(functools.partial(loss, case))
+        return Contender(name + suffix, desc, make, rank)
 
     return Head(name, (row("_materialized", *materialized, 9), row("", *fused, 0)), extras)
 
 
-def _logits32(x: jax.Array, w: jax.Array, case: Case) -> jax.Array:
-    return _softcap((x @ w).astype(jnp.float32), case.softcap)
+def _log_probs_fused(case: Case, x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
+    lp, ent = fusedloss.linear_log_probs(
+        x, w, labels, logit_softcap=case.softcap, return_entropy=True
+    )
+    return lp.sum() + 0.01 * ent.sum()  # both outputs get a backward
 
 
-def _log_probs_fused(case: Case) -> LossFn:
-    def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
-        lp, ent = fusedloss.linear_log_probs(
-            x, w, labels, logit_softcap=case.softcap, return_entropy=True
-        )
-        return lp.sum() + 0.01 * ent.sum()  # both outputs get a backward
-
-    return loss
+def _log_probs_materialized(case: Case, x: jax.Array, w: jax.Array, labels: Any) -> jax.Array:
+    logp = jax.nn.log_softmax(_logits32(x, w, case), axis=-1)
+    lp = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+    return lp.sum() + 0.01 * (-(jnp.exp(logp) * logp).sum(-1)).sum()
 
 
-def _log_probs_materialized(case: Case) -> LossFn:
-    def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
-        logp = jax.nn.log_softmax(_logits32(x, w, case), axis=-1)
-        lp = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-        return lp.sum() + 0.01 * (-(jnp.exp(logp) * logp).sum(-1)).sum()
-
-    return loss
+def _topk_fused(case: Case, x: jax.Array, w: jax.Array, ids: Any, t_lp: Any) -> jax.Array:
+    return fusedloss.linear_topk_distillation_loss(x, w, ids, t_lp, logit_softcap=case.softcap)
 
 
-def _topk_fused(case: Case) -> LossFn:
-    def loss(x: jax.Array, w: jax.Array, ids: jax.Array, t_lp: jax.Array) -> jax.Array:
-        return fusedloss.linear_topk_distillation_loss(x, w, ids, t_lp, logit_softcap=case.softcap)
-
-    return loss
-
-
-def _topk_materialized(case: Case) -> LossFn:
-    def loss(x: jax.Array, w: jax.Array, ids: jax.Array, t_lp: jax.Array) -> jax.Array:
-        q_k = jnp.take_along_axis(jax.nn.log_softmax(_logits32(x, w, case), -1), ids, axis=-1)
-        p_k = jnp.exp(t_lp)
-        r_p = jnp.clip(1.0 - p_k.sum(-1), 0.0, None)  # the teacher's mass off its top K
-        r_q = jnp.clip(1.0 - jnp.exp(q_k).sum(-1), 1e-30, None)
-        rest = jnp.where(r_p > 0, r_p * (jnp.log(jnp.where(r_p > 0, r_p, 1.0)) - jnp.log(r_q)), 0)
-        return ((p_k * (t_lp - q_k)).sum(-1) + rest).mean()
-
-    return loss
+def _topk_materialized(case: Case, x: jax.Array, w: jax.Array, ids: Any, t_lp: Any) -> jax.Array:
+    q_k = jnp.take_along_axis(jax.nn.log_softmax(_logits32(x, w, case), -1), ids, axis=-1)
+    p_k = jnp.exp(t_lp)
+    r_p = jnp.clip(1.0 - p_k.sum(-1), 0.0, None)  # the teacher's mass off its top K
+    r_q = jnp.clip(1.0 - jnp.exp(q_k).sum(-1), 1e-30, None)
+    rest = jnp.where(r_p > 0, r_p * (jnp.log(jnp.where(r_p > 0, r_p, 1.0)) - jnp.log(r_q)), 0)
+    return ((p_k * (t_lp - q_k)).sum(-1) + rest).mean()
 
 
-def _teacher_head(case: Case, dtype: Any, rng: np.random.Generator | None) -> tuple[Any, ...]:
-    """A teacher of the student's width: hidden states and a head of logits std ~3."""
-    n, d, v = case.n, case.d, case.v
-    scale = np.float32(3.0 / math.sqrt(d))
-    return (
-        draw(rng, (n, d), dtype, lambda r: r.standard_normal((n, d), np.float32)),
-        draw(rng, (d, v), dtype, lambda r: r.standard_normal((d, v), np.float32) * scale),
+def _distill_fused(case: Case, x: jax.Array, w: jax.Array, xt: Any, wt: Any) -> jax.Array:
+    cap = case.softcap
+    return fusedloss.linear_distillation_loss(
+        x, w, xt, wt, logit_softcap=cap, teacher_logit_softcap=cap
     )
 
 
-def _distill_fused(case: Case) -> LossFn:
-    def loss(x: jax.Array, w: jax.Array, xt: jax.Array, wt: jax.Array) -> jax.Array:
-        return fusedloss.linear_distillation_loss(
-            x, w, xt, wt, logit_softcap=case.softcap, teacher_logit_softcap=case.softcap
-        )
-
-    return loss
-
-
-def _distill_materialized(case: Case) -> LossFn:
-    def loss(x: jax.Array, w: jax.Array, xt: jax.Array, wt: jax.Array) -> jax.Array:
-        log_q = jax.nn.log_softmax(_logits32(x, w, case), -1)
-        log_p = jax.lax.stop_gradient(jax.nn.log_softmax(_logits32(xt, wt, case), -1))
-        return (jnp.exp(log_p) * (log_p - log_q)).sum(-1).mean()
-
-    return loss
+def _distill_materialized(case: Case, x: jax.Array, w: jax.Array, xt: Any, wt: Any) -> jax.Array:
+    log_q = jax.nn.log_softmax(_logits32(x, w, case), -1)
+    log_p = jax.lax.stop_gradient(jax.nn.log_softmax(_logits32(xt, wt, case), -1))
+    return (jnp.exp(log_p) * (log_p - log_q)).sum(-1).mean()
 
 
 HEADS: dict[str, Head] = {
     h.name: h
     for h in (
         CROSS_ENTROPY,
-        _pair(
-            "log_probs",
-            ("fusedloss.linear_log_probs(..., return_entropy=True)", _log_probs_fused),
-            ("log_softmax(x @ w) at the labels, plus entropy", _log_probs_materialized),
-            _labels,
-        ),
-        _pair(
-            "topk_distill",
-            (f"fusedloss.linear_topk_distillation_loss, K={TOPK}", _topk_fused),
-            (f"top-{TOPK} KL from materialized log_softmax(x @ w)", _topk_materialized),
-            _teacher_topk,
-        ),
-        _pair(
-            "distill",
-            (
-                "fusedloss.linear_distillation_loss (forward KL, teacher of the same width)",
-                _distill_fused,
-            ),
-            (
-                "KL(softmax(xt @ wt) || softmax(x @ w)), both logits materialized",
-                _distill_materialized,
-            ),
-            _teacher_head,
-        ),
+        _pair("log_probs",
+              ("fusedloss.linear_log_probs(..., return_entropy=True)", _log_probs_fused),
+              ("log_softmax(x @ w) at the labels, plus entropy", _log_probs_materialized),
+              _labels),
+        _pair("topk_distill",
+              (f"fusedloss.linear_topk_distillation_loss, K={TOPK}", _topk_fused),
+              (f"top-{TOPK} KL from materialized log_softmax(x @ w)", _topk_materialized),
+              _teacher_topk),
+        _pair("distill",
+              ("fusedloss.linear_distillation_loss (forward KL, teacher of the same width)",
+               _distill_fused),
+              ("KL(softmax(xt @ wt) || softmax(x @ w)), both logits materialized",
+               _distill_materialized),
+              _teacher_head),
     )
-}
+}  # fmt: skip
 CONTENDERS: dict[str, Contender] = {c.name: c for c in CROSS_ENTROPY.rows}
 ROWS: dict[str, tuple[Head, Contender]] = {c.name: (h, c) for h in HEADS.values() for c in h.rows}
 BASELINE = CROSS_ENTROPY.baseline
@@ -380,29 +315,18 @@ BASELINE = CROSS_ENTROPY.baseline
 def prepare(head: Head, row: Contender, case: Case, platform: str, args: tuple) -> tuple:
     """``(fn, args, dw_out)`` of a row bound to a case and inputs ``(x, w, *extras)``;
     a tied case passes ``w`` as a ``[V, D]`` embedding and the loss sees its ``.T``.
-
-    Raises:
-      Unavailable: with the reason.
-    """
+    Raises :class:`Unavailable` with the reason."""
     try:
         p = row.make(case, platform)
         x, w, *extras = args
-        loss, w_arg, dw_out = p.loss, p.w_in(w), p.dw_out
-        if case.tied:
-            inner, inner_out = loss, dw_out
-            w_arg = _transpose(w_arg)
-
-            def loss(x: jax.Array, e: jax.Array, *rest: jax.Array) -> jax.Array:
-                return inner(x, e.T, *rest)
-
-            def dw_out(de: jax.Array) -> jax.Array:
-                return inner_out(de.T)
-
-        return loss, (x, w_arg, *extras), dw_out
+        if not case.tied:
+            return p.loss, (x, p.w_in(w), *extras), p.dw_out
+        tied = lambda x, e, *rest: p.loss(x, e.T, *rest)
+        return tied, (x, _transpose(p.w_in(w)), *extras), lambda de: p.dw_out(de.T)
     except Unavailable:
         raise
     except Exception as e:  # whatever a contender raises, the suite goes on
-        raise Unavailable(_first_line(e)) from e
+        raise Unavailable(first_line(e, 160)) from e
 
 
 def third_party_versions() -> dict[str, str | None]:

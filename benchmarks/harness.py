@@ -47,8 +47,6 @@ def temp_bytes(compiled: Any) -> int | None:
         analysis = compiled.memory_analysis()
     except Exception:  # not every backend implements it
         return None
-    if isinstance(analysis, list | tuple):  # older jaxlibs: one per device
-        analysis = analysis[0]
     value = getattr(analysis, "temp_size_in_bytes", None)
     return None if value is None else int(value)
 
@@ -68,26 +66,27 @@ def _memory_stats() -> dict[str, int]:
         return {}
 
 
-def _failure(e: BaseException) -> str:
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: the first line of the message``."""
     lines = str(e).strip().splitlines()
-    return f"failed: {type(e).__name__}: {(lines[0] if lines else '')[:200]}"
+    return f"{type(e).__name__}: {(lines[0] if lines else '')[:limit]}"
 
 
 def measure(
-    programs: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]],
+    programs: dict[Any, tuple[Callable[..., Any], tuple[Any, ...]]],
     *,
     reps: int,
     max_seconds: float,
-    check: Callable[[str, Any], dict[str, Any]] | None = None,
-) -> dict[str, Measured]:
+    check: Callable[[Any, Any], dict[str, Any]] | None = None,
+) -> dict[Any, Measured]:
     """Measures ``{name: (fn, args)}`` (see the module docstring), in the given order.
 
     ``reps`` rounds at most; no new round starts once a program has spent
     ``max_seconds`` (one round always runs). A program that fails is reported, never
     raised.
     """
-    out: dict[str, Measured] = {}
-    ready: dict[str, tuple[Any, tuple[Any, ...]]] = {}
+    out: dict[Any, Measured] = {}
+    ready: dict[Any, tuple[Any, tuple[Any, ...]]] = {}
     for name, (fn, args) in programs.items():
         m = out[name] = Measured()
         try:
@@ -104,7 +103,7 @@ def measure(
             del result
             ready[name] = (compiled, args)
         except Exception as e:  # e.g. out of memory: report, never crash
-            m.failure = _failure(e)
+            m.failure = f"failed: {first_line(e)}"
     for _ in range(max(1, reps)):
         for name, (compiled, args) in ready.items():
             t0 = time.perf_counter()

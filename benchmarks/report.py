@@ -192,25 +192,25 @@ GROUPS = {
     "vocab_sweep": "Vocabulary sweep (forward+backward)",
     "token_sweep": "Token sweep (forward+backward)",
     "standard": "Standard losses against optax (value_and_grad w.r.t. the logits)",
+    "gpu-check": "Error budget at real heads (forward and forward+backward)",
 }
 
 
 def group(r: dict[str, Any]) -> str:
-    return "heads" if r["head"] not in ("cross_entropy",) and r["group"] == "models" else r["group"]
+    """The section of a record: a model case of a head other than cross-entropy is "heads"."""
+    return "heads" if r["head"] != "cross_entropy" and r["group"] == "models" else r["group"]
 
 
 def to_markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
-    """``results.md`` of a run (host or target)."""
-    m = doc["meta"]
+    """``results.md`` of a run (host or target; the sections it has data for)."""
+    m, real, plot = doc["meta"], doc.get("real_shapes") or [], None
+    if "real_shapes.png" in plots:
+        plot = "real_shapes.png"
     if "target" in m:  # a compile-only target
-        title = f"Compiled temporaries at the real heads: N={doc['real_shapes'][0]['n']}, bf16"
+        title = f"Compiled temporaries at the real heads: N={real[0]['n']}, bf16 ({m['note']})"
         lines = [f"# fusedloss benchmarks: {m['device_kind']} ({m['note']})", ""]
         lines += [f"- jax {m['jax_version']}; compiled in {m['total_seconds']:.0f} s", ""]
-        plot = "real_shapes.png" if plots else None
-        section = compiled_section(
-            f"{title} ({m['note']})", doc["real_shapes"], plot, m["rows_note"]
-        )
-        return "\n".join(lines + section) + "\n"
+        return "\n".join(lines + compiled_section(title, real, plot, m["rows_note"])) + "\n"
     peak, third = m["matmul_peak"], m["third_party"]
     lines = [
         f"# fusedloss benchmarks: {m['device_kind']}",
@@ -231,30 +231,25 @@ def to_markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
         " error in the run dtype + 1e-6",
         "",
     ]
-    real = doc["real_shapes"]
     if real:
         title = f"Compiled temporaries at the real heads: N={real[0]['n']}, {real[0]['dtype']}"
-        plot = "real_shapes.png" if "real_shapes.png" in plots else None
         lines += compiled_section(f"{title} ({m['device_kind']}, compiled, not run)", real, plot)
-    for t in doc["targets"]["docs"]:
+    targets = doc.get("targets") or {"docs": [], "missing": None}
+    for t in targets["docs"]:
         tm = t["meta"]
-        lines += compiled_section(
-            f"{tm['device_kind']}, bf16: {tm['note']} (`results/{tm['target']}/`)",
-            t["real_shapes"], None, tm["rows_note"],
-        )  # fmt: skip
-    if doc["targets"]["missing"]:
-        lines += [f"Targets: {doc['targets']['missing']}", ""]
+        title = f"{tm['device_kind']}, bf16: {tm['note']} (`results/{tm['target']}/`)"
+        lines += compiled_section(title, t["real_shapes"], None, tm["rows_note"])
+    lines += [f"Targets: {targets['missing']}", ""] if targets["missing"] else []
     table = summary(doc["results"])
     if table[1]:
         lines += ["## Summary: forward+backward, time ratio / temp ratio vs optax", ""]
         lines += [*md_table(table), ""]
     for g, title in GROUPS.items():
         recs = [r for r in doc["results"] if group(r) == g]
-        if recs:
-            lines += [f"## {title}", "", *md_table(results_table(recs)), ""]
-            why = reasons(recs)
-            lines += (["Skipped:", ""] + [f"- {s}" for s in why] + [""]) if why else []
+        why = reasons(recs)
+        lines += [f"## {title}", "", *md_table(results_table(recs)), ""] if recs else []
+        lines += (["Skipped:", ""] + [f"- {s}" for s in why] + [""]) if why else []
     if m.get("notes"):
         lines += ["Scaled cases:", ""] + [f"- `{c}`: {n}" for c, n in m["notes"].items()] + [""]
-    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots if p != "real_shapes.png"]
-    return "\n".join(lines) + "\n"
+    timed = [f"![{p}]({p})" for p in plots if p != "real_shapes.png"]
+    return "\n".join(lines + (["## Plots", "", *timed] if timed else [])) + "\n"

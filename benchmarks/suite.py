@@ -35,6 +35,27 @@ COMPILED_KEYS: tuple[str, ...] = (
 BUDGET_SLACK = (1.05, 1e-6)
 
 
+def _record(case, group, head, contender, mode, n, d, v, dtype) -> dict[str, Any]:
+    """A record of :data:`RESULT_KEYS`, skipped until measured."""
+    rec = dict.fromkeys(RESULT_KEYS)
+    rec.update(case=case, group=group, head=head, contender=contender, mode=mode, n=n, d=d)
+    rec.update(v=v, dtype=jnp.dtype(dtype).name, status="skipped", reason="")
+    return rec | {"device_peak_exact": False}
+
+
+def _fill(rec: dict[str, Any], m: harness.Measured, flops: int | None, peak: float | None) -> None:
+    """``rec`` from a measurement (its reason when it failed)."""
+    if m.failure:
+        rec["reason"] = m.failure
+        return
+    rec.update(status="ok", time_s=m.median_s, times_s=m.times_s, compile_s=m.compile_s)
+    rec.update(temp_bytes=m.temp_bytes, device_peak_bytes=m.peak_bytes, flops=flops)
+    rec.update(device_peak_exact=m.peak_exact, **m.checked)
+    if flops:
+        rec["tflops"] = flops / m.median_s / 1e12
+        rec["peak_fraction"] = peak and rec["tflops"] / peak
+
+
 def _grad(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
     return jax.value_and_grad(loss, argnums=(0, 1))
 
@@ -69,16 +90,15 @@ def _ratios(records: Sequence[dict[str, Any]], baseline: str) -> None:
             r["within_budget"] = all(r[k] <= scale * b[k] + floor for k in keys)
 
 
-def _errors(ref: tuple, dw_outs: dict[str, Any], key: str, result: Any) -> dict[str, Any]:
-    name, mode = key.split("|")
-    if mode == "fwd":
-        return {"err_loss": harness.rel_error(result, ref[0])}
-    value, (dx, dw) = result
-    return {
-        "err_loss": harness.rel_error(value, ref[0]),
-        "err_dx": harness.rel_error(dx, ref[1]),
-        "err_dw": harness.rel_error(dw_outs[name](dw), ref[2]),
-    }
+def _errors(got: Sequence[Any], want: Sequence[Any]) -> dict[str, Any]:
+    """Relative errors of (loss, dx, dw), as many as ``got`` has."""
+    keys = ("err_loss", "err_dx", "err_dw")
+    return {k: harness.rel_error(g, w) for k, g, w in zip(keys, got, want, strict=False)}
+
+
+def _check(ref: tuple, dw_outs: dict[str, Any], key: tuple[str, str], r: Any) -> dict[str, Any]:
+    got = (r,) if key[1] == "fwd" else (r[0], r[1][0], dw_outs[key[0]](r[1][1]))
+    return _errors(got, ref)
 
 
 def run_head(
@@ -105,11 +125,8 @@ def run_head(
         programs, dw_outs = {}, {}
         for name in order:
             for mode in case.modes:
-                rec = dict.fromkeys(RESULT_KEYS)
-                rec.update(case=case.name, group=case.group, head=head.name, contender=name)
-                rec.update(mode=mode, status="skipped", reason="", n=case.n, d=case.d, v=case.v)
-                rec.update(dtype=case_dtype.name, device_peak_exact=False)
-                recs[name, mode] = rec
+                recs[name, mode] = _record(case.name, case.group, head.name, name, mode,
+                                           case.n, case.d, case.v, case_dtype)  # fmt: skip
             try:
                 fn, a, dw_outs[name] = prepare(head, ROWS[name][1], case, platform, args)
             except Unavailable as e:
@@ -117,20 +134,13 @@ def run_head(
                     recs[name, mode]["reason"] = str(e)
                 continue
             for mode in case.modes:
-                programs[f"{name}|{mode}"] = (fn if mode == "fwd" else _grad(fn), a)
+                programs[name, mode] = (fn if mode == "fwd" else _grad(fn), a)
 
-        check = functools.partial(_errors, ref, dw_outs)
+        check = functools.partial(_check, ref, dw_outs)
+
         measured = harness.measure(programs, reps=reps, max_seconds=max_seconds, check=check)
-        for key, m in measured.items():
-            rec = recs[tuple(key.split("|"))]
-            if m.failure:
-                rec["reason"] = m.failure
-                continue
-            flops = case.flops(rec["mode"])
-            rec.update(status="ok", time_s=m.median_s, times_s=m.times_s, compile_s=m.compile_s)
-            rec.update(temp_bytes=m.temp_bytes, device_peak_bytes=m.peak_bytes, flops=flops)
-            rec.update(device_peak_exact=m.peak_exact, tflops=flops / m.median_s / 1e12)
-            rec.update(peak_fraction=peak_tflops and rec["tflops"] / peak_tflops, **m.checked)
+        for (name, mode), m in measured.items():
+            _fill(recs[name, mode], m, case.flops(mode), peak_tflops)
         ordered = [recs[name, mode] for name in names for mode in case.modes]
         _ratios(ordered, head.baseline)
         out += ordered
@@ -176,25 +186,6 @@ def compile_table(
 
 # ---- the standard losses against their optax twins ---------------------------------------
 
-
-def _standard_args(name: str, n: int, v: int, dtype: Any) -> tuple[Any, ...]:
-    r = np.random.default_rng(100)
-    logits = draw(r, (n, v), dtype, lambda r: 2.0 * r.standard_normal((n, v), np.float32))
-
-    def softmax(z: Any) -> Any:
-        e = np.exp(z - z.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
-
-    if name == "softmax_cross_entropy_with_integer_labels":
-        return logits, draw(r, (n,), jnp.int32, lambda r: r.integers(0, v, n))
-    if name == "softmax_cross_entropy":
-        return logits, draw(r, (n, v), dtype, lambda r: softmax(r.standard_normal((n, v))))
-    if name == "sigmoid_binary_cross_entropy":
-        return logits, draw(r, (n, v), dtype, lambda r: r.integers(0, 2, (n, v)))
-    log_p = draw(r, (n, v), dtype, lambda r: np.log(softmax(2.0 * r.standard_normal((n, v)))))
-    return log_p, draw(r, (n, v), dtype, lambda r: softmax(r.standard_normal((n, v))))
-
-
 STANDARD: tuple[str, ...] = (
     "softmax_cross_entropy_with_integer_labels",
     "softmax_cross_entropy",
@@ -203,15 +194,26 @@ STANDARD: tuple[str, ...] = (
 )
 
 
+def _standard_args(name: str, n: int, v: int, dtype: Any) -> tuple[Any, ...]:
+    """Logits ~ N(0, 4) (log-probabilities for the KL), then the loss's targets."""
+
+    def softmax(z: Any) -> Any:
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    r, shape = np.random.default_rng(100), (n, v)
+    logits = lambda r: 2.0 * r.standard_normal(shape, np.float32)
+    targets = {
+        "softmax_cross_entropy_with_integer_labels": (jnp.int32, lambda r: r.integers(0, v, n)),
+        "sigmoid_binary_cross_entropy": (dtype, lambda r: r.integers(0, 2, shape)),
+    }.get(name, (dtype, lambda r: softmax(r.standard_normal(shape))))
+    first = (lambda r: np.log(softmax(logits(r)))) if name == "kl_divergence" else logits
+    first = draw(r, shape, dtype, first)
+    return first, draw(r, (n,) if targets[0] == jnp.int32 else shape, *targets)
+
+
 def _mean_of(fn: Any) -> Callable[..., Any]:
     return jax.value_and_grad(lambda *a: jnp.mean(fn(*a).astype(jnp.float32)))
-
-
-def _standard_errors(want: Any, impl: str, result: Any) -> dict[str, Any]:
-    return {
-        "err_loss": harness.rel_error(result[0], want[0]),
-        "err_dx": harness.rel_error(result[1], want[1]),
-    }
 
 
 def run_standard(
@@ -226,25 +228,19 @@ def run_standard(
     out = []
     for name in names:
         args = _standard_args(name, n, v, dtype)
-
         f32 = tuple(a.astype(jnp.float32) if a.dtype == dtype else a for a in args)
         want = jax.jit(_mean_of(getattr(optax.losses, name)))(*f32)
-        programs = {
-            impl: (_mean_of(getattr(mod, name)), args)
-            for impl, mod in (("optax", optax.losses), ("fusedloss", fusedloss))
-        }
-        check = functools.partial(_standard_errors, want)
+        mods = {"optax": optax.losses, "fusedloss": fusedloss}
+        programs = {impl: (_mean_of(getattr(mod, name)), args) for impl, mod in mods.items()}
+
+        check = lambda impl, got, want=want: _errors(got, want)
         measured = harness.measure(programs, reps=reps, max_seconds=max_seconds, check=check)
-        recs = []
-        for impl, m in measured.items():
-            rec = dict.fromkeys(RESULT_KEYS)
-            rec.update(case=f"[{n}, {v}] logits", group="standard", head=name, contender=impl)
-            rec.update(mode="fwd_bwd", n=n, d=None, v=v, dtype=jnp.dtype(dtype).name)
-            rec.update(status="ok" if not m.failure else "skipped", reason=m.failure or "")
-            if not m.failure:
-                rec.update(time_s=m.median_s, times_s=m.times_s, temp_bytes=m.temp_bytes)
-                rec.update(compile_s=m.compile_s, **m.checked)
-            recs.append(rec)
+        case = f"[{n}, {v}] logits"
+        recs = [
+            _record(case, "standard", name, impl, "fwd_bwd", n, None, v, dtype) for impl in mods
+        ]
+        for rec, m in zip(recs, measured.values(), strict=True):
+            _fill(rec, m, None, None)
         _ratios(recs, "optax")
         out += recs
     return out

@@ -39,11 +39,11 @@ ROWS: dict[str, tuple[str, ...]] = {
             "topk_distill_materialized", "topk_distill", "distill_materialized", "distill"),
     "tpu": ("reference", "default"),
 }  # fmt: skip
+_ELSEWHERE = "optax, jax-cce and tokamax are not installed in the targets environment"
 ROWS_NOTE = {
-    "gpu": "optax, jax-cce and tokamax are not installed in the targets environment",
-    "tpu": "optax, jax-cce and tokamax are not installed in the targets environment; the"
-    " log_probs, topk_distill and distill heads are left out on TPU targets (20-50 s of compile"
-    " each on 2 cores; `python -m benchmarks targets --rows ...` compiles them)",
+    "gpu": _ELSEWHERE,
+    "tpu": _ELSEWHERE + "; the log_probs, topk_distill and distill heads are left out on TPU"
+    " targets (20-50 s of compile each on 2 cores; `python -m benchmarks targets --rows ...`)",
 }
 # As the Makefile's TARGETS_ENV: JAX_PLATFORMS=cpu (the CUDA plugin needs it without a
 # driver); the TPU_* variables keep libtpu from looking for a TPU host.
@@ -114,6 +114,18 @@ def main(argv: Sequence[str]) -> int:
 # ---- the launcher, in the main run -----------------------------------------------------------
 
 
+def interpreter() -> str | None:
+    """``FUSEDLOSS_TARGETS_PYTHON``, else ``.venv-targets/bin/python`` once installed."""
+    venv = ROOT / ".venv-targets"
+    default = str(venv / "bin" / "python") if (venv / ".installed").exists() else None
+    return os.environ.get("FUSEDLOSS_TARGETS_PYTHON") or default
+
+
+def steps(heads: int) -> int:
+    """Progress steps of the targets' tables at ``heads`` model heads."""
+    return sum(len(ROWS[platform]) for platform, _, _ in TARGETS.values()) * heads
+
+
 def launch(python: str, out: Path, heads: Sequence[str], tokens: int, advance: Any) -> list:
     """The GPU and the TPU targets in two subprocesses: both cores compile once the
     host's own table is done (the TPU compiles take the longest)."""
@@ -121,13 +133,12 @@ def launch(python: str, out: Path, heads: Sequence[str], tokens: int, advance: A
     return [Launch(python, out, heads, tokens, advance, names) for names in groups]
 
 
-def interpreter() -> str | None:
-    """``FUSEDLOSS_TARGETS_PYTHON``, else ``.venv-targets/bin/python`` once installed."""
-    env = os.environ.get("FUSEDLOSS_TARGETS_PYTHON")
-    if env:
-        return env
-    venv = ROOT / ".venv-targets"
-    return str(venv / "bin" / "python") if (venv / ".installed").exists() else None
+def collect(launches: Sequence[Launch]) -> tuple[list[dict[str, Any]], str | None]:
+    """The documents of every launch, and why some are missing (None: all there)."""
+    docs, missing = [], None
+    for got, why in (one.wait() for one in launches):
+        docs, missing = docs + got, missing or why
+    return docs, missing
 
 
 class Launch:
@@ -141,13 +152,12 @@ class Launch:
 
         src = str(Path(fusedloss.__file__).resolve().parents[1])
         env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), src])}
-        cmd = [python, "-m", "benchmarks", "targets", "--out", str(out), "--tokens", str(tokens)]
-        cmd += ["--targets", *names]
-        self.out, self.names, self.lines = out, names, []
         for name in names:  # never report an earlier run's tables as this one's
             (out / name / "results.json").unlink(missing_ok=True)
+        cmd = [python, "-m", "benchmarks", "targets", "--out", str(out), "--tokens", str(tokens)]
+        self.out, self.names, self.lines = out, names, []
         self.proc = subprocess.Popen(
-            [*cmd, "--heads", *heads], cwd=ROOT, env=env, text=True,
+            [*cmd, "--targets", *names, "--heads", *heads], cwd=ROOT, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.thread = threading.Thread(target=self._read, args=(advance,), daemon=True)
@@ -155,27 +165,21 @@ class Launch:
 
     def _read(self, advance: Callable[[str], None]) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(_MARK):
-                advance(line[len(_MARK) :].strip())
-            else:
-                self.lines.append(line.rstrip())
+        with self.proc.stdout:  # closed once the subprocess has said everything
+            for line in self.proc.stdout:
+                if line.startswith(_MARK):
+                    advance(line[len(_MARK) :].strip())
+                else:
+                    self.lines.append(line.rstrip())
 
     def wait(self) -> tuple[list[dict[str, Any]], str | None]:
         """The targets' documents, and why some are missing (None: all there)."""
         code = self.proc.wait()
         self.thread.join()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        docs = []
-        for name in self.names:
-            path = self.out / name / "results.json"
-            if path.exists():
-                docs.append(json.loads(path.read_text()))
-        if code == 0:
-            return docs, None
-        tail = " | ".join(line for line in self.lines[-3:] if line)
-        return docs, f"the targets run failed (exit {code}): {tail[-400:]}"
+        paths = [self.out / name / "results.json" for name in self.names]
+        docs = [json.loads(path.read_text()) for path in paths if path.exists()]
+        tail = " | ".join(line for line in self.lines[-3:] if line)[-400:]
+        return docs, None if code == 0 else f"the targets run failed (exit {code}): {tail}"
 
 
 if __name__ == "__main__":
