@@ -127,17 +127,13 @@ def _timed(jobs: Sequence[tuple], matmul: tuple[int, int, int], dtype: Any, **kw
     results = []
     for head, head_cases, rows in jobs:
         results += suite.run_head(
-            head, head_cases, rows, dtype=dtype, peak_tflops=peak.tflops, **kw
+            head, head_cases, rows, dtype=dtype, peak_tflops=peak["tflops"], **kw
         )
     again = harness.matmul_peak(matmul, dtype)
-    peak = max(peak, again, key=lambda p: p.tflops)
+    peak = max(peak, again, key=lambda p: p["tflops"])
     for r in results:
-        r["peak_fraction"] = r["tflops"] and r["tflops"] / peak.tflops
+        r["peak_fraction"] = r["tflops"] and r["tflops"] / peak["tflops"]
     return results, peak
-
-
-def _peak_meta(peak: Any) -> dict[str, Any]:
-    return {"shape": list(peak.shape), "dtype": peak.dtype, "tflops": peak.tflops}
 
 
 def run_suite(argv: list[str]) -> int:
@@ -192,14 +188,14 @@ def run_suite(argv: list[str]) -> int:
             con.log(f"targets: {missing}")
         kw = dict(reps=reps, max_seconds=cfg.max_seconds, advance=con.advance)
         results, peak = _timed(jobs, cfg.matmul, dtype, **kw)
-        con.log(f"matmul peak: {peak.tflops:.3g} TFLOP/s ({'x'.join(map(str, peak.shape))})")
+        con.log(f"matmul peak: {peak['tflops']:.3g} TFLOP/s ({'x'.join(map(str, peak['shape']))})")
         if not args.no_standard_losses:
             n, v = args.standard_shape or cfg.standard_losses
             results += suite.run_standard(n, v, dtype, reps=reps, max_seconds=cfg.max_seconds)
         con.advance("standard losses")
     finally:
         con.close()
-    meta.update(real_tokens=args.real_tokens, matmul_peak=_peak_meta(peak))
+    meta.update(real_tokens=args.real_tokens, matmul_peak=peak)
     meta["notes"] = {c.name: c.note for c in timed if c.note}
     meta["total_seconds"] = time.perf_counter() - started
     doc = {"schema_version": report.SCHEMA_VERSION, "meta": meta, "real_shapes": recs,
@@ -273,7 +269,7 @@ def run_gpu_check(argv: list[str]) -> int:
     recs, peak = _timed(jobs, (8192,) * 3 if gpu else (512,) * 3, "bfloat16", reps=a.reps,
                         max_seconds=1e9)  # fmt: skip
     meta = _meta("per case", ["gpu-check", *argv], suite="gpu-check", reps=a.reps)
-    meta.update(matmul_peak=_peak_meta(peak), total_seconds=time.perf_counter() - started)
+    meta.update(matmul_peak=peak, total_seconds=time.perf_counter() - started)
     out = a.out or RESULTS_DIR / slugify(meta["device_kind"])
     _write({"meta": meta, "results": recs}, out, False, "gpu_check")
     print((out / "gpu_check.md").read_text())

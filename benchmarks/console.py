@@ -1,11 +1,13 @@
-"""Console output: a progress bar and titled tables (``rich``, from the ``bench`` extra;
-without it plain lines)."""
+"""Console output: a progress bar (``rich``, from the ``bench`` extra; without it, plain
+lines) and titled markdown tables, ready to paste."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+from benchmarks.report import md_table
 
 
 class Console:
@@ -14,29 +16,23 @@ class Console:
 
     def __init__(self, total: int | None = None, quiet: bool = False) -> None:
         self.quiet, self.done, self.total = quiet, 0, total
-        self._lock, self._out, self._bar = threading.Lock(), None, None
+        self._lock, self._bar, self._print = threading.Lock(), None, print
         try:
-            import rich.console
-            import rich.progress
+            from rich import progress
         except ImportError:
             return
-        # Logs and CI are no terminal: do not squeeze tables to 80 columns there.
-        self._out = rich.console.Console(quiet=quiet)
-        self._out.width = self._out.width if self._out.is_terminal else 170
         if total and not quiet:
-            p = rich.progress
-            columns = (p.TextColumn("{task.description}"), p.BarColumn(),
-                       p.MofNCompleteColumn(), p.TimeElapsedColumn())  # fmt: skip
-            self._bar = p.Progress(*columns, console=self._out, transient=True)
+            cols = (progress.TextColumn("{task.description}"), progress.BarColumn(),
+                    progress.MofNCompleteColumn(), progress.TimeElapsedColumn())  # fmt: skip
+            self._bar: Any = progress.Progress(*cols, transient=True)
+            self._print = lambda *a: self._bar.console.print(*a, markup=False, highlight=False)
             self._bar.start()
             self._task = self._bar.add_task("starting", total=total)
 
-    def log(self, message: str) -> None:
-        """A line above the bar."""
-        if self._out is not None:
-            self._out.print(message, markup=False, highlight=False)
-        elif not self.quiet:
-            print(message, flush=True)
+    def log(self, *lines: str) -> None:
+        """Lines above the bar."""
+        for line in () if self.quiet else lines:
+            self._print(line)
 
     def advance(self, description: str) -> None:
         """One step done."""
@@ -44,25 +40,13 @@ class Console:
             self.done += 1
             if self._bar is not None:
                 self._bar.update(self._task, advance=1, description=description[:60])
-            elif self._out is None and not self.quiet and self.total:
+            elif not self.quiet and self.total:
                 print(f"[{self.done}/{self.total}] {description}", flush=True)
 
     def table(self, title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        """A titled table; the first two columns (names) left-aligned."""
-        if self.quiet or not rows:
-            return
-        if self._out is None:
-            for line in (title, *("  ".join(map(str, r)) for r in (header, *rows))):
-                print(line)
-            return
-        import rich.table
-
-        grid: Any = rich.table.Table(title=title, title_justify="left")
-        for i, h in enumerate(header):
-            grid.add_column(h, justify="left" if i < 2 else "right")
-        for cells in rows:
-            grid.add_row(*cells)
-        self._out.print(grid)
+        """A titled markdown table (nothing when there are no rows)."""
+        if rows:
+            self.log("", title, "", *md_table((list(header), [list(r) for r in rows])))
 
     def close(self) -> None:
         """Stops the bar."""

@@ -39,24 +39,17 @@ class Unavailable(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
-class Prepared:
-    """A loss ``(x, w_in(w), *extras) -> scalar``; ``dw_out`` maps its ``dw`` to ``[D, V]``."""
-
-    loss: LossFn
-    w_in: Callable[[Any], Any] = lambda w: w
-    dw_out: Callable[[Any], Any] = lambda dw: dw
-
-
-@dataclasses.dataclass(frozen=True)
 class Contender:
-    """A row: ``make(case, platform) -> Prepared`` (raises :class:`Unavailable`).
-    ``rank``: run order inside a case, leanest first, so that a GPU's monotone
-    ``peak_bytes_in_use`` is raised (hence exact) as often as possible."""
+    """A row: ``make(case, platform) -> loss(x, w, *extras)`` (raises
+    :class:`Unavailable`); ``vd``: the loss takes ``w`` as ``[V, D]``. ``rank``: run
+    order inside a case, leanest first, so that a GPU's monotone ``peak_bytes_in_use``
+    is raised (hence exact) as often as possible."""
 
     name: str
     description: str
-    make: Callable[[Case, str], Prepared]
+    make: Callable[[Case, str], LossFn]
     rank: int = 5
+    vd: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +148,7 @@ def _teacher_head(case: Case, dtype: Any, rng: np.random.Generator | None) -> tu
 # ---- cross-entropy contenders -------------------------------------------------------------
 
 
-def _optax(case: Case, platform: str) -> Prepared:
+def _optax(case: Case, platform: str) -> LossFn:
     optax = _import("optax", "optax")
 
     def loss(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
@@ -163,11 +156,11 @@ def _optax(case: Case, platform: str) -> Prepared:
         logits = _softcap(x @ w, case.softcap)
         return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    return Prepared(loss)
+    return loss
 
 
 def _fused(impl: str | None, config: Any = None, only: str | None = None, mesh: bool = False):
-    def make(case: Case, platform: str) -> Prepared:
+    def make(case: Case, platform: str) -> LossFn:
         _needs(platform, only)
         if not mesh:
             kw = dict(implementation=impl, config=config)
@@ -177,30 +170,26 @@ def _fused(impl: str | None, config: Any = None, only: str | None = None, mesh: 
         else:
             kw = dict(mesh=jax.make_mesh((1, jax.device_count()), ("data", "model")))
             fn = fusedloss.sharded_linear_cross_entropy
-        return Prepared(functools.partial(fn, logit_softcap=case.softcap, **kw))
+        return functools.partial(fn, logit_softcap=case.softcap, **kw)
 
     return make
 
 
-def _jax_cce(case: Case, platform: str) -> Prepared:
-    jax_cce = _import("jax_cce", "jax-cce")
+def _jax_cce(case: Case, platform: str) -> LossFn:
     _no_softcap(case, "jax-cce")
-    # jax-cce takes w as [V, D]: a copy made once (a tied embedding has one for free).
-    return Prepared(jax_cce.linear_cross_entropy, w_in=_transpose, dw_out=lambda dw: dw.T)
+    return _import("jax_cce", "jax-cce").linear_cross_entropy
 
 
-def _tokamax(implementation: str, only: str | None) -> Any:
-    def make(case: Case, platform: str) -> Prepared:
+def _tokamax(impl: str, only: str | None) -> Any:
+    def make(case: Case, platform: str) -> LossFn:
         tokamax = _import("tokamax", "tokamax")
         flags = _import("absl.flags", "absl-py")
         if not flags.FLAGS.is_parsed():  # tokamax would parse *our* sys.argv
             flags.FLAGS.mark_as_parsed()
         _no_softcap(case, "tokamax")
         _needs(platform, only)
-        fn = tokamax.linear_softmax_cross_entropy_loss
-        return Prepared(
-            lambda x, w, labels: fn(x, labels, w, reduction="mean", implementation=implementation)
-        )
+        fn = functools.partial(tokamax.linear_softmax_cross_entropy_loss, implementation=impl)
+        return lambda x, w, labels: fn(x, labels, w, reduction="mean")
 
     return make
 
@@ -225,7 +214,8 @@ CROSS_ENTROPY = Head(
         Contender("pallas_tpu", "implementation='pallas_tpu'", _fused("pallas_tpu", only="tpu"), 0),
         Contender("sharded", "sharded_linear_cross_entropy, vocab-parallel over all devices",
                   _fused(None, mesh=True), 0),
-        Contender("jax_cce", "jax_cce.linear_cross_entropy(x, w.T, labels)", _jax_cce, 2),
+        # jax-cce takes w as [V, D]: a copy made once (a tied embedding has one for free).
+        Contender("jax_cce", "jax_cce.linear_cross_entropy(x, w.T, labels)", _jax_cce, 2, True),
         Contender("tokamax_xla", _TOKAMAX + "'xla')", _tokamax("xla", None), 9),
         Contender("tokamax_mosaic_tpu", _TOKAMAX + "'mosaic_tpu')",
                   _tokamax("mosaic_tpu", "tpu"), 0),
@@ -242,7 +232,7 @@ def _pair(name: str, fused: tuple[str, Any], materialized: tuple[str, Any], extr
     ``(description, loss(case, x, w, *extras) -> scalar)``."""
 
     def row(suffix: str, desc: str, loss: Any, rank: int) -> Contender:
-        make = lambda case, platform: Prepared(functools.partial(loss, case))
+        make = lambda case, platform: functools.partial(loss, case)
         return Contender(name + suffix, desc, make, rank)
 
     return Head(name, (row("_materialized", *materialized, 9), row("", *fused, 0)), extras)
@@ -313,20 +303,20 @@ BASELINE = CROSS_ENTROPY.baseline
 
 
 def prepare(head: Head, row: Contender, case: Case, platform: str, args: tuple) -> tuple:
-    """``(fn, args, dw_out)`` of a row bound to a case and inputs ``(x, w, *extras)``;
-    a tied case passes ``w`` as a ``[V, D]`` embedding and the loss sees its ``.T``.
-    Raises :class:`Unavailable` with the reason."""
+    """``(fn, args, dw_out)`` of a row bound to a case and inputs ``(x, w, *extras)``:
+    ``w`` passed as ``[V, D]`` to a tied case (the loss sees its ``.T``) or a ``vd`` row,
+    ``dw_out`` maps the gradient back to ``[D, V]``. Raises :class:`Unavailable`."""
     try:
-        p = row.make(case, platform)
-        x, w, *extras = args
-        if not case.tied:
-            return p.loss, (x, p.w_in(w), *extras), p.dw_out
-        tied = lambda x, e, *rest: p.loss(x, e.T, *rest)
-        return tied, (x, _transpose(p.w_in(w)), *extras), lambda de: p.dw_out(de.T)
+        loss = row.make(case, platform)
     except Unavailable:
         raise
     except Exception as e:  # whatever a contender raises, the suite goes on
         raise Unavailable(first_line(e, 160)) from e
+    x, w, *extras = args
+    if not (case.tied or row.vd):
+        return loss, args, lambda dw: dw
+    fn = (lambda x, e, *rest: loss(x, e.T, *rest)) if case.tied and not row.vd else loss
+    return fn, (x, _transpose(w), *extras), lambda dw: dw.T
 
 
 def third_party_versions() -> dict[str, str | None]:

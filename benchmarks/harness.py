@@ -51,12 +51,12 @@ def temp_bytes(compiled: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def compile_only(fn: Callable[..., Any], specs: tuple[Any, ...]) -> tuple[int | None, float]:
-    """Compiles ``fn`` for ``ShapeDtypeStruct`` arguments (their shardings name the
-    device, possibly a compile-only one); returns (temp bytes, seconds). Runs nothing."""
+def compile_only(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, float]:
+    """``(executable, seconds)`` of ``jax.jit(fn)`` for ``args`` (arrays or
+    ``ShapeDtypeStruct``s whose shardings may name a compile-only device). Runs nothing."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).trace(*specs).lower().compile()
-    return temp_bytes(compiled), time.perf_counter() - t0
+    compiled = jax.jit(fn).trace(*args).lower().compile()
+    return compiled, time.perf_counter() - t0
 
 
 def _memory_stats() -> dict[str, int]:
@@ -90,9 +90,8 @@ def measure(
     for name, (fn, args) in programs.items():
         m = out[name] = Measured()
         try:
-            t0 = time.perf_counter()
-            compiled = jax.jit(fn).lower(*args).compile()
-            m.compile_s, m.temp_bytes = time.perf_counter() - t0, temp_bytes(compiled)
+            compiled, m.compile_s = compile_only(fn, args)
+            m.temp_bytes = temp_bytes(compiled)
             before = _memory_stats()
             result = jax.block_until_ready(compiled(*args))
             after = _memory_stats()
@@ -127,21 +126,14 @@ def rel_error(got: Any, want: Any) -> float:
     return float(_rel(jnp.asarray(got), jnp.asarray(want)))
 
 
-@dataclasses.dataclass(frozen=True)
-class MatmulPeak:
-    """The best throughput of a plain ``[M, K] @ [K, N]`` in the benchmark dtype."""
-
-    shape: tuple[int, int, int]
-    dtype: str
-    seconds: float
-    tflops: float
-
-
-def matmul_peak(shape: tuple[int, int, int], dtype: Any, reps: int = 3) -> MatmulPeak:
-    """The fastest of ``reps`` matmuls: the attainable rate contenders are compared with."""
+def matmul_peak(shape: tuple[int, int, int], dtype: Any, reps: int = 3) -> dict[str, Any]:
+    """The best throughput of ``reps`` plain ``[M, K] @ [K, N]`` in ``dtype``: the
+    attainable rate the contenders are compared with."""
     m, k, n = shape
-    rng = np.random.default_rng(1)
-    a = jnp.asarray(rng.standard_normal((m, k), np.float32)).astype(dtype)
-    b = jnp.asarray(rng.standard_normal((k, n), np.float32)).astype(dtype)
+    a, b = (jnp.ones(s, dtype) for s in ((m, k), (k, n)))
     best = min(measure({"mm": (jnp.matmul, (a, b))}, reps=reps, max_seconds=1e9)["mm"].times_s)
-    return MatmulPeak(shape, jnp.dtype(dtype).name, best, 2.0 * m * k * n / best / 1e12)
+    return {
+        "shape": list(shape),
+        "dtype": jnp.dtype(dtype).name,
+        "tflops": 2e-12 * m * k * n / best,
+    }

@@ -175,7 +175,8 @@ def compile_table(
             specs = tuple(place(s) for s in inputs(case, head, dtype, seed=None))
             try:
                 fn, args, _ = prepare(head, row, case, platform, specs)
-                rec["temp_bytes"], rec["compile_s"] = harness.compile_only(_grad(fn), args)
+                compiled, rec["compile_s"] = harness.compile_only(_grad(fn), args)
+                rec["temp_bytes"] = harness.temp_bytes(compiled)
             except Unavailable as e:
                 rec.update(status="skipped", reason=str(e))
             except Exception as e:  # a compiler error for this target: reported
