@@ -89,7 +89,7 @@ from fusedloss.heads.distillation import (
     distillation_result,
     topk_loss_from_stats,
 )
-from fusedloss.heads.log_probs import log_probs_from_stats
+from fusedloss.heads.log_probs import check_log_probs, log_probs_from_stats
 from fusedloss.heads.transposed import Transposed
 
 AxisName = str | tuple[str, ...]
@@ -1011,13 +1011,9 @@ def sharded_linear_log_probs(
       >>> bool(jnp.allclose(logp, ref, atol=1e-5)), ent.shape
       (True, (4, 8))
     """
-    args = check_head_args(x, w, labels, bias, where, None, "[V], V = w.shape[1]")
-    base = check_options("none", 0.0, 0.0, logit_softcap, None, shift)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"`return_entropy` must be a bool, got {return_entropy!r}.")
-    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
-    hp = Hyper(softcap=base.softcap, temperature=temp, entropy=return_entropy)
-    check_shift(args.x, shift)
+    args, hp = check_log_probs(
+        x, w, labels, bias, where, temperature, logit_softcap, shift, return_entropy
+    )
     data, model = _check_distinct(data_axis, model_axis)
     head = log_probs_head(hp, return_entropy=return_entropy)
     return run_sharded(
