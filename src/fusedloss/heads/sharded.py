@@ -80,12 +80,10 @@ from fusedloss.heads._tokens import (
     check_shift,
     prepare_tokens,
     psum_over,
-    static_float,
 )
 from fusedloss.heads.distillation import (
     check_distillation,
-    check_ids_eagerly,
-    check_teacher,
+    check_topk,
     distillation_result,
     topk_loss_from_stats,
 )
@@ -1088,18 +1086,11 @@ def sharded_linear_topk_distillation_loss(
       >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
       True
     """
-    x_arr = jnp.asarray(x)
-    ids, tlp = check_teacher(teacher_ids, teacher_log_probs, x_arr.shape[:-1])
-    args = check_head_args(x, w, ids[..., 0], bias, where, weights, "[V], V = w.shape[1]")
-    base = check_options(reduction, 0.0, 0.0, logit_softcap, None, shift)
-    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
-    hp = Hyper(softcap=base.softcap, temperature=temp, picked=ids.shape[-1])
-    check_shift(args.x, shift)
+    args, ids, tlp, hp = check_topk(
+        x, w, teacher_ids, teacher_log_probs, temperature, bias, logit_softcap, where, weights,
+        reduction, shift,
+    )  # fmt: skip
     data, model = _check_distinct(data_axis, model_axis)
-    k = ids.shape[-1]
-    ids_s = ids[..., shift:, :] if shift else ids
-    valid = jnp.ones(ids_s.shape[:-1], bool) if args.where is None else args.where[..., shift:]
-    check_ids_eagerly(ids_s.reshape(-1, k), valid.reshape(-1), args.vocab_size)
     extras = {
         "teacher_ids": Extra(ids, "tokens"),
         "teacher_log_probs": Extra(tlp, "tokens"),
