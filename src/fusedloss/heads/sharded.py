@@ -847,6 +847,16 @@ def run_sharded(
     return fn(arrays)
 
 
+def _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config, extras=None):
+    """A public sharded call after its argument checks: the mesh axes' checks, then
+    :func:`run_sharded` over ``mesh`` (or the mesh set with ``jax.set_mesh``)."""
+    data, model = _check_distinct(data_axis, model_axis)
+    return run_sharded(
+        args, head, _mesh_or_context(mesh), data, model, shift=shift,
+        implementation=implementation, config=config, extras=extras,
+    )  # fmt: skip
+
+
 def sharded_linear_cross_entropy(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike | Transposed,
@@ -935,20 +945,10 @@ def sharded_linear_cross_entropy(
     args = check_head_args(x, w, labels, bias, where, weights, "[V], V = w.shape[1]")
     hp = check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift)
     check_shift(args.x, shift)
-    data, model = _check_distinct(data_axis, model_axis)
     head = cross_entropy_head(
         hp, reduction=reduction, ignore_index=ignore_index, return_aux=return_aux
     )
-    return run_sharded(
-        args,
-        head,
-        _mesh_or_context(mesh),
-        data,
-        model,
-        shift=shift,
-        implementation=implementation,
-        config=config,
-    )
+    return _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config)
 
 
 def sharded_linear_log_probs(
@@ -1012,18 +1012,8 @@ def sharded_linear_log_probs(
     args, hp = check_log_probs(
         x, w, labels, bias, where, temperature, logit_softcap, shift, return_entropy
     )
-    data, model = _check_distinct(data_axis, model_axis)
     head = log_probs_head(hp, return_entropy=return_entropy)
-    return run_sharded(
-        args,
-        head,
-        _mesh_or_context(mesh),
-        data,
-        model,
-        shift=shift,
-        implementation=implementation,
-        config=config,
-    )
+    return _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config)
 
 
 def sharded_linear_topk_distillation_loss(
@@ -1090,22 +1080,9 @@ def sharded_linear_topk_distillation_loss(
         x, w, teacher_ids, teacher_log_probs, temperature, bias, logit_softcap, where, weights,
         reduction, shift,
     )  # fmt: skip
-    data, model = _check_distinct(data_axis, model_axis)
-    extras = {
-        "teacher_ids": Extra(ids, "tokens"),
-        "teacher_log_probs": Extra(tlp, "tokens"),
-    }
-    return run_sharded(
-        args,
-        topk_distillation_head(hp, reduction=reduction),
-        _mesh_or_context(mesh),
-        data,
-        model,
-        shift=shift,
-        implementation=implementation,
-        config=config,
-        extras=extras,
-    )
+    head = topk_distillation_head(hp, reduction=reduction)
+    extras = {"teacher_ids": Extra(ids, "tokens"), "teacher_log_probs": Extra(tlp, "tokens")}
+    return _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config, extras)
 
 
 def sharded_linear_distillation_loss(
@@ -1177,7 +1154,6 @@ def sharded_linear_distillation_loss(
       True
     """
     args, teacher, dh, a = check_distillation(**locals())
-    data, model = _check_distinct(data_axis, model_axis)
     extras = {
         "teacher_x": Extra(teacher.x, "tokens"),
         "teacher_w": Extra(teacher.w, "columns", 0 if dh.teacher_vd else 1),
@@ -1188,7 +1164,4 @@ def sharded_linear_distillation_loss(
         dh, a, reduction=reduction, ignore_index=ignore_index,
         implementation=implementation, config=config,
     )  # fmt: skip
-    return run_sharded(
-        args, head, _mesh_or_context(mesh), data, model, shift=shift,
-        implementation=implementation, config=config, extras=extras,
-    )  # fmt: skip
+    return _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config, extras)
