@@ -351,7 +351,13 @@ def linear_distillation_loss(
       >>> bool(jnp.allclose(loss, kl, rtol=1e-5))
       True
     """
-    args, teacher, dh, a = check_distillation(**locals())
+    args, teacher, dh, a = check_distillation(
+        x, w, teacher_x, teacher_w, labels, bias=bias, teacher_bias=teacher_bias,
+        where=where, weights=weights, divergence=divergence, beta=beta,
+        temperature=temperature, logit_softcap=logit_softcap,
+        teacher_logit_softcap=teacher_logit_softcap, hard_label_weight=hard_label_weight,
+        ignore_index=ignore_index, reduction=reduction, shift=shift,
+    )  # fmt: skip
     return _local_distillation(
         args, teacher, dh, a, reduction=reduction, shift=shift, ignore_index=ignore_index,
         return_aux=return_aux, implementation=implementation, config=config,
@@ -361,13 +367,9 @@ def linear_distillation_loss(
 def check_distillation(x, w, teacher_x, teacher_w, labels, *, bias, teacher_bias, where,
                        weights, divergence, beta, temperature, logit_softcap,
                        teacher_logit_softcap, hard_label_weight, ignore_index, reduction,
-                       shift, **_):  # fmt: skip
+                       shift):  # fmt: skip
     """Checked arguments of a distillation call: (student HeadArgs, teacher Head with
-    the caller's token shape, static hyperparameters, hard-label weight).
-
-    Called with the public function's arguments by name (``**locals()`` first thing in
-    its body), single-device and sharded alike; the others (``return_aux``, the mesh
-    axes, ``implementation``, ``config``) are ignored here."""
+    the caller's token shape, static hyperparameters, hard-label weight)."""
     x_arr = jnp.asarray(x)
     lab = jnp.zeros(x_arr.shape[:-1], jnp.int32) if labels is None else labels
     args = check_head_args(x_arr, w, lab, bias, where, weights, "[V], V = w.shape[1]")

@@ -1153,7 +1153,13 @@ def sharded_linear_distillation_loss(
       >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
       True
     """
-    args, teacher, dh, a = check_distillation(**locals())
+    args, teacher, dh, a = check_distillation(
+        x, w, teacher_x, teacher_w, labels, bias=bias, teacher_bias=teacher_bias,
+        where=where, weights=weights, divergence=divergence, beta=beta,
+        temperature=temperature, logit_softcap=logit_softcap,
+        teacher_logit_softcap=teacher_logit_softcap, hard_label_weight=hard_label_weight,
+        ignore_index=ignore_index, reduction=reduction, shift=shift,
+    )  # fmt: skip
     extras = {
         "teacher_x": Extra(teacher.x, "tokens"),
         "teacher_w": Extra(teacher.w, "columns", 0 if dh.teacher_vd else 1),
