@@ -83,6 +83,23 @@ def topk_loss_from_stats(stats: TokenStats, tokens: Tokens, ids, teacher_log_pro
     return jnp.where(tokens.valid, jnp.where(bad, jnp.nan, kl) * tokens.coef, 0.0)
 
 
+def check_topk(x, w, teacher_ids, teacher_log_probs, temperature, bias, logit_softcap, where,
+               weights, reduction, shift):  # fmt: skip
+    """Checked arguments of a top-K distillation call (shared with the sharded call):
+    (student HeadArgs, teacher ids and log-probabilities ``[..., K]`` unshifted, the
+    statistics' hyperparameters). Concrete ids of included tokens are checked here."""
+    ids, tlp = check_teacher(teacher_ids, teacher_log_probs, jnp.asarray(x).shape[:-1])
+    args = check_head_args(x, w, ids[..., 0], bias, where, weights, "[V], V = w.shape[1]")
+    base = check_options(reduction, 0.0, 0.0, logit_softcap, None, shift)
+    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
+    check_shift(args.x, shift)
+    k = ids.shape[-1]
+    ids_s = ids[..., shift:, :] if shift else ids
+    valid = jnp.ones(ids_s.shape[:-1], bool) if args.where is None else args.where[..., shift:]
+    check_ids_eagerly(ids_s.reshape(-1, k), valid.reshape(-1), args.vocab_size)
+    return args, ids, tlp, Hyper(softcap=base.softcap, temperature=temp, picked=k)
+
+
 def linear_topk_distillation_loss(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike | Transposed,
@@ -139,14 +156,10 @@ def linear_topk_distillation_loss(
       >>> loss.shape, bool(loss > 0)
       ((), True)
     """
-    x_arr = jnp.asarray(x)
-    ids, tlp = check_teacher(teacher_ids, teacher_log_probs, x_arr.shape[:-1])
-    args = check_head_args(x, w, ids[..., 0], bias, where, weights, "[V], V = w.shape[1]")
-    base = check_options(reduction, 0.0, 0.0, logit_softcap, None, shift)
-    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
-    k = ids.shape[-1]
-    hp = Hyper(softcap=base.softcap, temperature=temp, picked=k)
-    check_shift(args.x, shift)
+    args, ids, tlp, hp = check_topk(
+        x, w, teacher_ids, teacher_log_probs, temperature, bias, logit_softcap, where, weights,
+        reduction, shift,
+    )  # fmt: skip
     tokens = prepare_tokens(
         args.x,
         args.labels,
@@ -160,9 +173,8 @@ def linear_topk_distillation_loss(
     )
     if shift:
         ids, tlp = ids[..., shift:, :], tlp[..., shift:, :]
-    ids = ids.reshape(-1, k).astype(jnp.int32)
-    tlp = jax.lax.stop_gradient(tlp.reshape(-1, k).astype(tokens.coef.dtype))
-    check_ids_eagerly(ids, tokens.valid, args.vocab_size)
+    ids = ids.reshape(-1, hp.picked).astype(jnp.int32)
+    tlp = jax.lax.stop_gradient(tlp.reshape(-1, hp.picked).astype(tokens.coef.dtype))
     stats, _ = run_stats(
         tokens._replace(labels=ids), args.w, args.w_vd, args.bias, hp,
         implementation=implementation, config=config,

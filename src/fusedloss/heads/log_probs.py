@@ -91,13 +91,9 @@ def linear_log_probs(
       >>> bool(jnp.allclose(logp, want, atol=1e-5)), logp.shape, ent.shape
       (True, (2, 8), (2, 8))
     """
-    args = check_head_args(x, w, labels, bias, where, None, "[V], V = w.shape[1]")
-    hp = check_options("none", 0.0, 0.0, logit_softcap, None, shift)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"`return_entropy` must be a bool, got {return_entropy!r}.")
-    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
-    hp = Hyper(softcap=hp.softcap, temperature=temp, entropy=return_entropy)
-    check_shift(args.x, shift)
+    args, hp = check_log_probs(
+        x, w, labels, bias, where, temperature, logit_softcap, shift, return_entropy
+    )
     tokens = prepare_tokens(
         args.x,
         args.labels,
@@ -112,6 +108,18 @@ def linear_log_probs(
         tokens, args.w, args.w_vd, args.bias, hp, implementation=implementation, config=config
     )
     return log_probs_from_stats(stats, tokens, args.vocab_size, return_entropy)
+
+
+def check_log_probs(x, w, labels, bias, where, temperature, logit_softcap, shift, return_entropy):
+    """Checked arguments of a log-probs call (shared with the sharded call): the
+    HeadArgs and the statistics' hyperparameters."""
+    args = check_head_args(x, w, labels, bias, where, None, "[V], V = w.shape[1]")
+    base = check_options("none", 0.0, 0.0, logit_softcap, None, shift)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"`return_entropy` must be a bool, got {return_entropy!r}.")
+    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
+    check_shift(args.x, shift)
+    return args, Hyper(softcap=base.softcap, temperature=temp, entropy=return_entropy)
 
 
 def log_probs_from_stats(

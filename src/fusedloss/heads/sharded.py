@@ -80,16 +80,14 @@ from fusedloss.heads._tokens import (
     check_shift,
     prepare_tokens,
     psum_over,
-    static_float,
 )
 from fusedloss.heads.distillation import (
     check_distillation,
-    check_ids_eagerly,
-    check_teacher,
+    check_topk,
     distillation_result,
     topk_loss_from_stats,
 )
-from fusedloss.heads.log_probs import log_probs_from_stats
+from fusedloss.heads.log_probs import check_log_probs, log_probs_from_stats
 from fusedloss.heads.transposed import Transposed
 
 AxisName = str | tuple[str, ...]
@@ -849,6 +847,16 @@ def run_sharded(
     return fn(arrays)
 
 
+def _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config, extras=None):
+    """A public sharded call after its argument checks: the mesh axes' checks, then
+    :func:`run_sharded` over ``mesh`` (or the mesh set with ``jax.set_mesh``)."""
+    data, model = _check_distinct(data_axis, model_axis)
+    return run_sharded(
+        args, head, _mesh_or_context(mesh), data, model, shift=shift,
+        implementation=implementation, config=config, extras=extras,
+    )  # fmt: skip
+
+
 def sharded_linear_cross_entropy(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike | Transposed,
@@ -937,20 +945,10 @@ def sharded_linear_cross_entropy(
     args = check_head_args(x, w, labels, bias, where, weights, "[V], V = w.shape[1]")
     hp = check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift)
     check_shift(args.x, shift)
-    data, model = _check_distinct(data_axis, model_axis)
     head = cross_entropy_head(
         hp, reduction=reduction, ignore_index=ignore_index, return_aux=return_aux
     )
-    return run_sharded(
-        args,
-        head,
-        _mesh_or_context(mesh),
-        data,
-        model,
-        shift=shift,
-        implementation=implementation,
-        config=config,
-    )
+    return _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config)
 
 
 def sharded_linear_log_probs(
@@ -1011,25 +1009,11 @@ def sharded_linear_log_probs(
       >>> bool(jnp.allclose(logp, ref, atol=1e-5)), ent.shape
       (True, (4, 8))
     """
-    args = check_head_args(x, w, labels, bias, where, None, "[V], V = w.shape[1]")
-    base = check_options("none", 0.0, 0.0, logit_softcap, None, shift)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"`return_entropy` must be a bool, got {return_entropy!r}.")
-    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
-    hp = Hyper(softcap=base.softcap, temperature=temp, entropy=return_entropy)
-    check_shift(args.x, shift)
-    data, model = _check_distinct(data_axis, model_axis)
-    head = log_probs_head(hp, return_entropy=return_entropy)
-    return run_sharded(
-        args,
-        head,
-        _mesh_or_context(mesh),
-        data,
-        model,
-        shift=shift,
-        implementation=implementation,
-        config=config,
+    args, hp = check_log_probs(
+        x, w, labels, bias, where, temperature, logit_softcap, shift, return_entropy
     )
+    head = log_probs_head(hp, return_entropy=return_entropy)
+    return _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config)
 
 
 def sharded_linear_topk_distillation_loss(
@@ -1092,33 +1076,13 @@ def sharded_linear_topk_distillation_loss(
       >>> bool(jnp.allclose(loss, ref, rtol=1e-5))
       True
     """
-    x_arr = jnp.asarray(x)
-    ids, tlp = check_teacher(teacher_ids, teacher_log_probs, x_arr.shape[:-1])
-    args = check_head_args(x, w, ids[..., 0], bias, where, weights, "[V], V = w.shape[1]")
-    base = check_options(reduction, 0.0, 0.0, logit_softcap, None, shift)
-    temp = static_float("temperature", temperature, 0.0, None, low_inclusive=False)
-    hp = Hyper(softcap=base.softcap, temperature=temp, picked=ids.shape[-1])
-    check_shift(args.x, shift)
-    data, model = _check_distinct(data_axis, model_axis)
-    k = ids.shape[-1]
-    ids_s = ids[..., shift:, :] if shift else ids
-    valid = jnp.ones(ids_s.shape[:-1], bool) if args.where is None else args.where[..., shift:]
-    check_ids_eagerly(ids_s.reshape(-1, k), valid.reshape(-1), args.vocab_size)
-    extras = {
-        "teacher_ids": Extra(ids, "tokens"),
-        "teacher_log_probs": Extra(tlp, "tokens"),
-    }
-    return run_sharded(
-        args,
-        topk_distillation_head(hp, reduction=reduction),
-        _mesh_or_context(mesh),
-        data,
-        model,
-        shift=shift,
-        implementation=implementation,
-        config=config,
-        extras=extras,
-    )
+    args, ids, tlp, hp = check_topk(
+        x, w, teacher_ids, teacher_log_probs, temperature, bias, logit_softcap, where, weights,
+        reduction, shift,
+    )  # fmt: skip
+    head = topk_distillation_head(hp, reduction=reduction)
+    extras = {"teacher_ids": Extra(ids, "tokens"), "teacher_log_probs": Extra(tlp, "tokens")}
+    return _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config, extras)
 
 
 def sharded_linear_distillation_loss(
@@ -1196,7 +1160,6 @@ def sharded_linear_distillation_loss(
         teacher_logit_softcap=teacher_logit_softcap, hard_label_weight=hard_label_weight,
         ignore_index=ignore_index, reduction=reduction, shift=shift,
     )  # fmt: skip
-    data, model = _check_distinct(data_axis, model_axis)
     extras = {
         "teacher_x": Extra(teacher.x, "tokens"),
         "teacher_w": Extra(teacher.w, "columns", 0 if dh.teacher_vd else 1),
@@ -1207,7 +1170,4 @@ def sharded_linear_distillation_loss(
         dh, a, reduction=reduction, ignore_index=ignore_index,
         implementation=implementation, config=config,
     )  # fmt: skip
-    return run_sharded(
-        args, head, _mesh_or_context(mesh), data, model, shift=shift,
-        implementation=implementation, config=config, extras=extras,
-    )  # fmt: skip
+    return _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config, extras)
