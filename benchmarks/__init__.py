@@ -6,6 +6,6 @@
 * :mod:`benchmarks.harness`: the one timing harness, compile-only temporaries, matmul peak.
 * :mod:`benchmarks.suite`: heads x cases x contenders -> records; standard losses.
 * :mod:`benchmarks.targets`: compile-only GPU/TPU targets, in their own interpreter.
-* :mod:`benchmarks.report`, :mod:`benchmarks.plots`, :mod:`benchmarks.console`: output.
+* :mod:`benchmarks.report`: JSON, tables, plots and the progress bar.
 * :mod:`benchmarks.cli`: the command line and its modes.
 """

@@ -108,11 +108,10 @@ def _meta(dtype: str, command: Sequence[str], **more: Any) -> dict[str, Any]:
 
 def _write(doc: dict[str, Any], out: Path, plots: bool, stem: str = "results") -> list[str]:
     """``<stem>.json``, ``<stem>.md`` and (``plots``) the PNGs; returns the PNGs' names."""
-    from benchmarks import plots as plots_mod
     from benchmarks import report
 
     out.mkdir(parents=True, exist_ok=True)
-    written = plots_mod.write_plots(doc, out) if plots else []
+    written = report.write_plots(doc, out) if plots else []
     report.write_json(doc, out / f"{stem}.json")
     (out / f"{stem}.md").write_text(report.to_markdown(doc, written))
     return written
@@ -145,7 +144,6 @@ def run_suite(argv: list[str]) -> int:
     import jax.numpy as jnp
 
     from benchmarks import report, suite
-    from benchmarks.console import Console
     from benchmarks.contenders import CONTENDERS, CROSS_ENTROPY, HEADS, ROWS
 
     started, platform = time.perf_counter(), jax.default_backend()
@@ -166,7 +164,7 @@ def run_suite(argv: list[str]) -> int:
     steps = len(real) * len(real_rows) + sum(len(j[1]) for j in jobs) + 1
     steps += targets.steps(len(real)) if python else 0
     out: Path = args.out or RESULTS_DIR / slugify(jax.devices()[0].device_kind)
-    con = Console(steps, args.quiet)
+    con = report.Console(steps, args.quiet)
     meta = _meta(dtype.name, argv, suite=args.suite, reps=reps, max_seconds=cfg.max_seconds)
     con.log(f"fusedloss benchmarks: suite={args.suite} {meta['device_kind']} {dtype.name}")
     title = f"compiled temporaries, fwd+bwd, N={args.real_tokens}"
@@ -201,7 +199,7 @@ def run_suite(argv: list[str]) -> int:
     doc = {"schema_version": report.SCHEMA_VERSION, "meta": meta, "real_shapes": recs,
            "targets": {"docs": docs, "missing": missing}, "results": results}  # fmt: skip
     written = _write(doc, out, not args.no_plots)
-    end = Console(None, args.quiet)
+    end = report.Console(None, args.quiet)
     end.table("cross-entropy, forward+backward vs optax: time ratio / temp ratio",
               *report.summary(results))  # fmt: skip
     for group in ("models", "heads"):

@@ -20,7 +20,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from benchmarks import cases, cli, contenders, plots, report, suite, targets  # noqa: E402
+from benchmarks import cases, cli, contenders, report, suite, targets  # noqa: E402
 
 # ---- options ----------------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ def test_plots_are_written(tmp_path):
             r.update(contender=name, mode="fwd_bwd", status="ok", d=4, v=v, time_s=scale * v)
             results.append(r | {"temp_bytes": int(scale * 1024 * v)})
     doc = {"meta": {"dtype": "float32", "device_kind": "cpu"}, "results": results}
-    assert plots.write_plots(doc, tmp_path) == ["vocab_sweep.png"]
+    assert report.write_plots(doc, tmp_path) == ["vocab_sweep.png"]
     assert (tmp_path / "vocab_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
