@@ -19,16 +19,12 @@ from benchmarks import targets
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 _DESCRIPTION = """\
-Benchmarks fusedloss's fused LM heads against their materialized equivalents (optax
-for cross-entropy) and third-party fused implementations (jax-cce, tokamax) if installed.
-1. Compiled temporaries of forward+backward at the REAL heads (GPT-2, Llama-3-8B,
-   Gemma-2-2B, Qwen-2.5-7B), N=8192, every contender: compiled, not run; on the host
-   and, with the compile-only target packages (`make bench` builds .venv-targets),
-   for H100, A100, TPU v5e and v6e in bf16.
-2. Timings where this device can run them: forward and forward+backward, medians of
-   interleaved rounds, TFLOP/s against a matmul peak of the same run, device peak
-   memory (GPU/TPU), errors against a float32 reference and the error budget.
-Writes results.json, results.md and PNGs under benchmarks/results/<device_kind or target>/."""
+Benchmarks fusedloss's fused LM heads against their materialized equivalents (optax for
+cross-entropy) and third-party fused implementations (jax-cce, tokamax) if installed:
+compiled temporaries at the REAL heads (GPT-2, Llama-3-8B, Gemma-2-2B, Qwen-2.5-7B;
+N=8192) on the host and, compiled not run, for H100, A100, TPU v5e and v6e (bf16); then
+timings, TFLOP/s, device peak memory and errors where this device runs them. Writes
+results.json, results.md and PNGs under benchmarks/results/<device_kind or target>/."""
 _EPILOG = f"""\
 modes (the first word; `python -m benchmarks MODE --help`):
   ratios [--tied]        the xla strategies against the materialized path
@@ -74,11 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-plots", action="store_true", help="no PNG plots")
     add("--quiet", action="store_true", help="no progress bar or console tables")
     return p
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parses the suite's command line."""
-    return build_parser().parse_args(argv)
 
 
 def slugify(device_kind: str) -> str:
@@ -137,7 +128,7 @@ def _timed(jobs: Sequence[tuple], matmul: tuple[int, int, int], dtype: Any, **kw
 
 def run_suite(argv: list[str]) -> int:
     """The default mode (see ``--help``)."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     import dataclasses
 
     import jax
@@ -176,7 +167,9 @@ def run_suite(argv: list[str]) -> int:
                                    advance=con.advance)  # fmt: skip
         con.table(f"{title} {dtype.name} ({meta['device_kind']}; compiled, not run)",
                   *report.compiled_table(recs))  # fmt: skip
-        docs, missing = targets.collect(launches) if launches else ([], real and targets.HOW)
+        docs, missing = (
+            targets.collect(launches) if python else ([], (real and targets.HOW) or None)
+        )
         for t in docs:
             t["meta"]["command"] = meta["command"]
             _write(t, args.targets_out / t["meta"]["target"], not args.no_plots)

@@ -35,12 +35,11 @@ COMPILED_KEYS: tuple[str, ...] = (
 BUDGET_SLACK = (1.05, 1e-6)
 
 
-def _record(case, group, head, contender, mode, n, d, v, dtype) -> dict[str, Any]:
+def _record(case: Case, head: str, contender: str, mode: str, dtype: Any) -> dict[str, Any]:
     """A record of :data:`RESULT_KEYS`, skipped until measured."""
-    rec = dict.fromkeys(RESULT_KEYS)
-    rec.update(case=case, group=group, head=head, contender=contender, mode=mode, n=n, d=d)
-    rec.update(v=v, dtype=jnp.dtype(dtype).name, status="skipped", reason="")
-    return rec | {"device_peak_exact": False}
+    rec = dict.fromkeys(RESULT_KEYS) | {"case": case.name, "group": case.group, "head": head}
+    rec.update(contender=contender, mode=mode, n=case.n, d=case.d, v=case.v, status="skipped")
+    return rec | {"dtype": jnp.dtype(dtype).name, "reason": "", "device_peak_exact": False}
 
 
 def _fill(rec: dict[str, Any], m: harness.Measured, flops: int | None, peak: float | None) -> None:
@@ -125,8 +124,7 @@ def run_head(
         programs, dw_outs = {}, {}
         for name in order:
             for mode in case.modes:
-                recs[name, mode] = _record(case.name, case.group, head.name, name, mode,
-                                           case.n, case.d, case.v, case_dtype)  # fmt: skip
+                recs[name, mode] = _record(case, head.name, name, mode, case_dtype)
             try:
                 fn, a, dw_outs[name] = prepare(head, ROWS[name][1], case, platform, args)
             except Unavailable as e:
@@ -226,22 +224,19 @@ def run_standard(
 
     import fusedloss
 
-    out = []
+    out, case = [], Case(f"[{n}, {v}] logits", "standard", n, None, v)  # type: ignore[arg-type]
     for name in names:
         args = _standard_args(name, n, v, dtype)
         f32 = tuple(a.astype(jnp.float32) if a.dtype == dtype else a for a in args)
         want = jax.jit(_mean_of(getattr(optax.losses, name)))(*f32)
         mods = {"optax": optax.losses, "fusedloss": fusedloss}
         programs = {impl: (_mean_of(getattr(mod, name)), args) for impl, mod in mods.items()}
-
         check = lambda impl, got, want=want: _errors(got, want)
         measured = harness.measure(programs, reps=reps, max_seconds=max_seconds, check=check)
-        case = f"[{n}, {v}] logits"
-        recs = [
-            _record(case, "standard", name, impl, "fwd_bwd", n, None, v, dtype) for impl in mods
-        ]
-        for rec, m in zip(recs, measured.values(), strict=True):
-            _fill(rec, m, None, None)
+        recs = []
+        for impl, m in measured.items():
+            recs.append(_record(case, name, impl, "fwd_bwd", dtype))
+            _fill(recs[-1], m, None, None)
         _ratios(recs, "optax")
         out += recs
     return out

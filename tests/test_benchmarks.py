@@ -26,11 +26,11 @@ from benchmarks import cases, cli, contenders, report, suite, targets  # noqa: E
 
 
 def test_parse_defaults_and_help(capsys):
-    args = cli.parse_args([])
+    args = cli.build_parser().parse_args([])
     assert (args.suite, args.shapes, args.impls, args.dtype, args.out) == ("quick",) + (None,) * 4
     assert args.real_tokens == 8192 and not args.no_targets
     with pytest.raises(SystemExit) as exc:
-        cli.parse_args(["--help"])
+        cli.build_parser().parse_args(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for word in ("--real-shapes", "--no-targets", "ratios", "gpu-check", "targets", "H100"):
@@ -51,7 +51,7 @@ def test_parse_defaults_and_help(capsys):
 )
 def test_parse_rejects_bad_values(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.parse_args(argv)
+        cli.build_parser().parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
