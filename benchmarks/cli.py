@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform as py_platform
 import re
@@ -13,8 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+import fusedloss
 from benchmarks import cases as cs
-from benchmarks import targets
+from benchmarks import harness, report, suite, targets
+from benchmarks.contenders import CONTENDERS, CROSS_ENTROPY, HEADS, ROWS, third_party_versions
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -43,8 +49,6 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The suite's options (``--help`` documents each)."""
-    from benchmarks.contenders import CONTENDERS
-
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=_DESCRIPTION,
@@ -78,11 +82,6 @@ def slugify(device_kind: str) -> str:
 
 
 def _meta(dtype: str, command: Sequence[str], **more: Any) -> dict[str, Any]:
-    import jax
-
-    import fusedloss
-    from benchmarks.contenders import third_party_versions
-
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device_kind": jax.devices()[0].device_kind,
@@ -97,22 +96,9 @@ def _meta(dtype: str, command: Sequence[str], **more: Any) -> dict[str, Any]:
     }
 
 
-def _write(doc: dict[str, Any], out: Path, plots: bool, stem: str = "results") -> list[str]:
-    """``<stem>.json``, ``<stem>.md`` and (``plots``) the PNGs; returns the PNGs' names."""
-    from benchmarks import report
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = report.write_plots(doc, out) if plots else []
-    report.write_json(doc, out / f"{stem}.json")
-    (out / f"{stem}.md").write_text(report.to_markdown(doc, written))
-    return written
-
-
 def _timed(jobs: Sequence[tuple], matmul: tuple[int, int, int], dtype: Any, **kw: Any) -> tuple:
     """``(records, matmul peak)`` of ``suite.run_head(head, cases, rows)`` for each job;
     the peak is measured before and after (a shared machine: the better one is kept)."""
-    from benchmarks import harness, suite
-
     peak = harness.matmul_peak(matmul, dtype)
     results = []
     for head, head_cases, rows in jobs:
@@ -129,14 +115,6 @@ def _timed(jobs: Sequence[tuple], matmul: tuple[int, int, int], dtype: Any, **kw
 def run_suite(argv: list[str]) -> int:
     """The default mode (see ``--help``)."""
     args = build_parser().parse_args(argv)
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-
-    from benchmarks import report, suite
-    from benchmarks.contenders import CONTENDERS, CROSS_ENTROPY, HEADS, ROWS
-
     started, platform = time.perf_counter(), jax.default_backend()
     dtype = jnp.dtype(args.dtype or ("float32" if platform == "cpu" else "bfloat16"))
     cfg = cs.suite_config(args.suite, platform)
@@ -166,15 +144,15 @@ def run_suite(argv: list[str]) -> int:
         recs = suite.compile_table(real, real_rows, dtype=dtype, platform=platform,
                                    advance=con.advance)  # fmt: skip
         con.table(f"{title} {dtype.name} ({meta['device_kind']}; compiled, not run)",
-                  *report.compiled_table(recs))  # fmt: skip
+                  report.compiled_table(recs))  # fmt: skip
         docs, missing = (
             targets.collect(launches) if python else ([], (real and targets.HOW) or None)
         )
         for t in docs:
             t["meta"]["command"] = meta["command"]
-            _write(t, args.targets_out / t["meta"]["target"], not args.no_plots)
+            report.write(t, args.targets_out / t["meta"]["target"], not args.no_plots)
             con.table(f"{t['meta']['device_kind']}: {title} bf16 ({targets.NOTE})",
-                      *report.compiled_table(t["real_shapes"]))  # fmt: skip
+                      report.compiled_table(t["real_shapes"]))  # fmt: skip
         if missing:
             con.log(f"targets: {missing}")
         kw = dict(reps=reps, max_seconds=cfg.max_seconds, advance=con.advance)
@@ -191,13 +169,13 @@ def run_suite(argv: list[str]) -> int:
     meta["total_seconds"] = time.perf_counter() - started
     doc = {"schema_version": report.SCHEMA_VERSION, "meta": meta, "real_shapes": recs,
            "targets": {"docs": docs, "missing": missing}, "results": results}  # fmt: skip
-    written = _write(doc, out, not args.no_plots)
+    written = report.write(doc, out, not args.no_plots)
     end = report.Console(None, args.quiet)
     end.table("cross-entropy, forward+backward vs optax: time ratio / temp ratio",
-              *report.summary(results))  # fmt: skip
+              report.summary(results))  # fmt: skip
     for group in ("models", "heads"):
         recs_g = [r for r in results if report.group(r) == group and r["mode"] == "fwd_bwd"]
-        end.table(report.GROUPS[group], *report.results_table(recs_g))
+        end.table(report.GROUPS[group], report.results_table(recs_g))
     seconds = meta["total_seconds"]
     end.log(f"wrote {out}/results.json, results.md {' '.join(written)} in {seconds:.0f} s")
     return 0
@@ -213,11 +191,6 @@ def run_ratios(argv: list[str]) -> dict[str, float]:
     p.add_argument("--reps", type=_positive, default=7)
     p.add_argument("--tied", action="store_true", help="pass w as a [V, D] embedding's .T")
     a = p.parse_args(argv)
-    import jax
-
-    from benchmarks import suite
-    from benchmarks.contenders import CROSS_ENTROPY
-
     case = cs.Case("ratios", "ratios", a.tokens, a.d, a.vocab, modes=("fwd_bwd",), tied=a.tied)
     rows = ["reference", "xla_gif", "xla_recompute"]
     recs = suite.run_head(CROSS_ENTROPY, [case], rows, dtype=a.dtype, reps=a.reps, max_seconds=1e9)
@@ -246,10 +219,6 @@ def run_gpu_check(argv: list[str]) -> int:
     p.add_argument("--reps", type=_positive, default=5)
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (to try it)")
     a = p.parse_args(argv)
-    import jax
-
-    from benchmarks.contenders import CROSS_ENTROPY
-
     gpu = jax.default_backend() == "gpu"
     if not gpu and not a.allow_cpu:
         print(f"gpu-check needs a GPU; the default backend is {jax.default_backend()!r}.")
@@ -262,7 +231,7 @@ def run_gpu_check(argv: list[str]) -> int:
     meta = _meta("per case", ["gpu-check", *argv], suite="gpu-check", reps=a.reps)
     meta.update(matmul_peak=peak, total_seconds=time.perf_counter() - started)
     out = a.out or RESULTS_DIR / slugify(meta["device_kind"])
-    _write({"meta": meta, "results": recs}, out, False, "gpu_check")
+    report.write({"meta": meta, "results": recs}, out, False, "gpu_check")
     print((out / "gpu_check.md").read_text())
     missed = [(r["case"], r["contender"], r["mode"]) for r in recs if r["within_budget"] is False]
     print(f"error budget missed: {missed}" if missed else "every fused contender within budget")

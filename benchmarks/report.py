@@ -1,5 +1,5 @@
-"""The output of a run: ``results.json``, tables (console and ``results.md``), PNG plots
-and the console's progress bar.
+"""The output of a run: ``<stem>.json``, tables (console and ``<stem>.md``), PNG plots
+and the progress bar.
 
 Plots (matplotlib, Agg backend; skipped without it): ``real_shapes.png``, compiled
 temporaries per head and contender (log scale); ``models.png``, fwd+bwd time and temp
@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.contenders import BASELINE, ROWS
+from benchmarks.contenders import ROWS
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DOCUMENT_KEYS = ("schema_version", "meta", "real_shapes", "targets", "results")
 Table = tuple[list[str], list[list[str]]]
+Records = Sequence[dict[str, Any]]
+ERRS = ("err_loss", "err_dx", "err_dw")
 
 
 def _json_safe(value: Any) -> Any:
@@ -28,51 +30,40 @@ def _json_safe(value: Any) -> Any:
         return str(value)  # JSON has no NaN/Infinity; keep them visible
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+    return [_json_safe(v) for v in value] if isinstance(value, list | tuple) else value
 
 
-def write_json(doc: dict[str, Any], path: Path) -> None:
-    """Strict JSON (non-finite floats become strings)."""
-    path.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
+def write(doc: dict[str, Any], out: Path, plots: bool, stem: str = "results") -> list[str]:
+    """Strict JSON (non-finite floats as strings), markdown and (``plots``) the PNGs;
+    returns the PNGs' names."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_plots(doc, out) if plots else []
+    text = json.dumps(_json_safe(doc), indent=1, allow_nan=False)
+    (out / f"{stem}.json").write_text(text + "\n")
+    (out / f"{stem}.md").write_text(to_markdown(doc, written))
+    return written
 
 
 def fmt_bytes(n: int | None) -> str:
     """``1.5 GiB``, ``260 MiB``, ``12 KiB``."""
-    if n is None:
-        return "n/a"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
+        if n is not None and n >= size:
             return f"{n / size:.3g} {unit}"
-    return f"{n} B"
+    return "n/a" if n is None else f"{n} B"
+
+
+def _f(value: Any, spec: str, suffix: str = "", prefix: str = "") -> str:
+    return "" if value is None else f"{prefix}{value:{spec}}{suffix}"
 
 
 def _ms(s: float | None) -> str:
     return "" if s is None else f"{s * 1e3:.3g}" if s < 1 else f"{s * 1e3:.0f}"
 
 
-def _x(r: float | None) -> str:
-    return "" if r is None else f"{r:.2g}x"
+# ---- tables ---------------------------------------------------------------------------------
 
 
-def _e(err: Any) -> str:
-    return "" if err is None else err if isinstance(err, str) else f"{err:.1e}"
-
-
-# ---- compile-only tables --------------------------------------------------------------------
-
-
-def _materialized(name: str, ok: set[str]) -> str | None:
-    """The row a row's ratio is taken against: its head's baseline (cross-entropy:
-    optax, else the materialized ``reference`` where optax is not installed)."""
-    head = ROWS[name][0]
-    if head.baseline != BASELINE:
-        return head.baseline
-    return next((b for b in (BASELINE, "reference") if b in ok), None)
-
-
-def compiled_table(records: Sequence[dict[str, Any]]) -> Table:
+def compiled_table(records: Records) -> Table:
     """Rows: contenders; columns: heads; cells: temporaries and ratio, or why not."""
     cases = {r["case"]: r for r in records}
     by = {(r["case"], r["contender"]): r for r in records}
@@ -84,16 +75,15 @@ def compiled_table(records: Sequence[dict[str, Any]]) -> Table:
     for name in dict.fromkeys(r["contender"] for r in records):
         cells = [name]
         for c in cases:
-            r = by.get((c, name))
-            ok = {n for (cc, n), rr in by.items() if cc == c and rr["status"] == "ok"}
-            base = by.get((c, _materialized(name, ok) or ""))
+            r, ran = by.get((c, name)), (by.get((c, row.name)) for row in ROWS[name][0].rows)
+            base = next((b for b in ran if b is not None and b["status"] == "ok"), None)
             if r is None:
                 cells.append("")
             elif r["status"] == "ok":
-                ratio = ""
-                if base is not None and base is not r and base["temp_bytes"]:
-                    ratio = f" ({r['temp_bytes'] / base['temp_bytes']:.2g}x)"
-                cells.append(fmt_bytes(r["temp_bytes"]) + ratio)
+                ratio = r["temp_ratio"] if base is not r else None  # the baseline's own: 1
+                cells.append(
+                    fmt_bytes(r["temp_bytes"]) + ("" if ratio is None else f" ({ratio:.2g}x)")
+                )
             elif "not installed" in r["reason"] or " only (" in r["reason"]:
                 cells.append(r["reason"].split(" (")[0])
             else:
@@ -102,17 +92,14 @@ def compiled_table(records: Sequence[dict[str, Any]]) -> Table:
     return header, rows
 
 
-def reasons(records: Iterable[dict[str, Any]]) -> list[str]:
+def reasons(records: Records) -> list[str]:
     """``contender (cases): reason`` for the records that did not run, deduplicated."""
     seen: dict[tuple[str, str], list[str]] = {}
-    for r in records:
-        if r["status"] != "ok":
-            cases = seen.setdefault((r["contender"], r["reason"]), [])
-            cases += [] if r["case"] in cases else [r["case"]]
+    for r in (r for r in records if r["status"] != "ok"):
+        cases = seen.setdefault((r["contender"], r["reason"]), [])
+        cases += [] if r["case"] in cases else [r["case"]]
     return [f"{c} ({', '.join(cases)}): {why}" for (c, why), cases in seen.items()]
 
-
-# ---- timed tables ---------------------------------------------------------------------------
 
 HEADER = (
     "case", "contender", "mode", "time (ms)", "vs base", "temp", "vs base", "device peak",
@@ -120,48 +107,41 @@ HEADER = (
 )  # fmt: skip
 
 
-def results_table(records: Sequence[dict[str, Any]]) -> Table:
+def results_table(records: Records) -> Table:
     """The measured records; the device-peak column only where a device reports it."""
     rows = []
     for r in (r for r in records if r["status"] == "ok"):
         peak = "" if r["device_peak_bytes"] is None else fmt_bytes(r["device_peak_bytes"])
-        budget = {True: "ok", False: "MISS", None: ""}[r["within_budget"]]
         rows.append(
             [
-                r["case"] if r["n"] is None or r["group"] == "standard" else
+                r["case"] if r["group"] == "standard" else
                 f"{r['case']} ({r['n']}x{r['d']}x{r['v']})",
-                r["contender"], r["mode"], _ms(r["time_s"]), _x(r["time_ratio"]),
-                fmt_bytes(r["temp_bytes"]), _x(r["temp_ratio"]),
+                r["contender"], r["mode"], _ms(r["time_s"]),
+                _f(r["time_ratio"], ".2g", "x"), fmt_bytes(r["temp_bytes"]),
+                _f(r["temp_ratio"], ".2g", "x"),
                 peak if r["device_peak_exact"] or not peak else f"≤{peak}",
-                "" if r["tflops"] is None else f"{r['tflops']:.3g}",
-                "" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.0f}",
-                _e(r["err_loss"]), _e(r["err_dx"]), _e(r["err_dw"]), budget,
+                _f(r["tflops"], ".3g"), _f(r["peak_fraction"] and 100 * r["peak_fraction"], ".0f"),
+                *(_f(r[k], ".1e") if not isinstance(r[k], str) else r[k] for k in ERRS),
+                {True: "ok", False: "MISS", None: ""}[r["within_budget"]],
             ]
         )  # fmt: skip
     keep = [i for i, h in enumerate(HEADER) if h != "device peak" or any(row[i] for row in rows)]
     return [HEADER[i] for i in keep], [[row[i] for i in keep] for row in rows]
 
 
-def summary(results: Sequence[dict[str, Any]]) -> Table:
+def summary(results: Records) -> Table:
     """Cross-entropy contenders x model heads: fwd+bwd ``time ratio / temp ratio``."""
-    recs = [
-        r
-        for r in results
-        if r["group"] == "models" and r["head"] == "cross_entropy" and r["mode"] == "fwd_bwd"
-    ]
+    recs = [r for r in results if group(r) == "models" and r["mode"] == "fwd_bwd"]
     cases = {r["case"]: r for r in recs}
     by = {(r["contender"], r["case"]): r for r in recs if r["status"] == "ok"}
     rows = [
-        [name] + [f"{_x(r['time_ratio'])} / {_x(r['temp_ratio'])}" if r else "skipped"
-                  for r in (by.get((name, c)) for c in cases)]
+        [name] + [f"{_f(r['time_ratio'], '.2g', 'x')} / {_f(r['temp_ratio'], '.2g', 'x')}"
+                  if r else "skipped" for r in (by.get((name, c)) for c in cases)]
         for name in dict.fromkeys(r["contender"] for r in recs)
         if any((name, c) in by for c in cases)
     ]  # fmt: skip
     header = ["contender"] + [f"{c} (N={r['n']}, D={r['d']}, V={r['v']})" for c, r in cases.items()]
     return header, rows
-
-
-# ---- markdown ---------------------------------------------------------------------------------
 
 
 def md_table(table: Table) -> list[str]:
@@ -170,6 +150,8 @@ def md_table(table: Table) -> list[str]:
     return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
 
 
+# ---- markdown -------------------------------------------------------------------------------
+
 COMPILED_TEXT = (
     "`temp_size_in_bytes` of `jax.jit(jax.value_and_grad(loss, (0, 1)))` compiled from"
     " `ShapeDtypeStruct`s; nothing is executed, so the materialized rows show what they"
@@ -177,23 +159,15 @@ COMPILED_TEXT = (
     " (optax for cross-entropy, or `reference` where optax is not installed; the"
     " `_materialized` row of the other heads)."
 )
-
-
-def compiled_section(
-    title: str, records: Sequence[dict[str, Any]], plot: str | None, note: str | None = None
-) -> list[str]:
-    """A compiled-temporaries table with its rows' descriptions and what did not compile."""
-    if not records:
-        return []
-    lines = [f"## {title}", "", COMPILED_TEXT, "", *md_table(compiled_table(records)), ""]
-    lines += [f"Rows left out: {note}.", ""] if note else []
-    names = dict.fromkeys(r["contender"] for r in records)
-    lines += [f"- `{n}`: {ROWS[n][1].description}" for n in names]
-    why = reasons(records)
-    lines += (["", "Not compiled:", ""] + [f"- {s}" for s in why]) if why else []
-    return lines + ([""] + ([f"![{plot}]({plot})", ""] if plot else []))
-
-
+TIMED_TEXT = (
+    "- FLOPs 2·N·D·V (fwd), 6·N·D·V (fwd_bwd); `vs base` = ratio to the materialized"
+    " baseline (optax; a head's `_materialized` row); temp = compiled temporaries;"
+    " device peak = `peak_bytes_in_use` above the live inputs during the warm-up"
+    " (GPU/TPU; `≤`: an upper bound, the process-wide peak was set earlier)",
+    "- err = ‖got - want‖ / ‖want‖ against the baseline in float32 at"
+    " `precision='highest'`; budget `ok`: every error ≤ 1.05 x the baseline's own"
+    " error in the run dtype + 1e-6",
+)
 GROUPS = {
     "models": "Model heads: cross-entropy",
     "heads": "Fused heads against their materialized equivalents (forward+backward)",
@@ -209,51 +183,58 @@ def group(r: dict[str, Any]) -> str:
     return "heads" if r["head"] != "cross_entropy" and r["group"] == "models" else r["group"]
 
 
+def compiled_section(title: str, records: Records, plot: str | None, note: Any = None) -> list[str]:
+    """A compiled-temporaries table with its rows' descriptions and what did not compile."""
+    if not records:
+        return []
+    lines = [f"## {title}", "", COMPILED_TEXT, "", *md_table(compiled_table(records)), ""]
+    lines += [f"Rows left out: {note}.", ""] if note else []
+    lines += [
+        f"- `{n}`: {ROWS[n][1].description}" for n in dict.fromkeys(r["contender"] for r in records)
+    ]
+    why = reasons(records)
+    lines += (["", "Not compiled:", ""] + [f"- {s}" for s in why]) if why else []
+    return lines + [""] + ([f"![{plot}]({plot})", ""] if plot else [])
+
+
 def to_markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
     """``results.md`` of a run (host or target; the sections it has data for)."""
-    m, real, plot = doc["meta"], doc.get("real_shapes") or [], None
-    if "real_shapes.png" in plots:
-        plot = "real_shapes.png"
+    m, real, results = doc["meta"], doc.get("real_shapes") or [], doc.get("results") or []
+    plot = "real_shapes.png" if "real_shapes.png" in plots else None
     if "target" in m:  # a compile-only target
         title = f"Compiled temporaries at the real heads: N={real[0]['n']}, bf16 ({m['note']})"
         lines = [f"# fusedloss benchmarks: {m['device_kind']} ({m['note']})", ""]
         lines += [f"- jax {m['jax_version']}; compiled in {m['total_seconds']:.0f} s", ""]
         return "\n".join(lines + compiled_section(title, real, plot, m["rows_note"])) + "\n"
-    peak, third = m["matmul_peak"], m["third_party"]
+    peak, third = (
+        m["matmul_peak"],
+        ", ".join(f"{k} {v or '-'}" for k, v in m["third_party"].items()),
+    )
     lines = [
         f"# fusedloss benchmarks: {m['device_kind']}",
         "",
         f"- date: {m['date']}; command: `{m['command']}`; total {m['total_seconds']:.0f} s",
         f"- {m['device_kind']} ({m['platform']}); jax {m['jax_version']}, fusedloss"
-        f" {m['fusedloss_version']}, Python {m['python_version']};"
-        f" {', '.join(f'{k} {v or chr(45)}' for k, v in third.items())}",
+        f" {m['fusedloss_version']}, Python {m['python_version']}; {third}",
         f"- suite `{m['suite']}`, {m['dtype']}; median of up to {m['reps']} interleaved"
         " rounds after a warm-up, compile excluded; matmul peak in the same run"
         f" {peak['tflops']:.3g} TFLOP/s ({'x'.join(map(str, peak['shape']))} {peak['dtype']})",
-        "- FLOPs 2·N·D·V (fwd), 6·N·D·V (fwd_bwd); `vs base` = ratio to the materialized"
-        " baseline (optax; a head's `_materialized` row); temp = compiled temporaries;"
-        " device peak = `peak_bytes_in_use` above the live inputs during the warm-up"
-        " (GPU/TPU; `≤`: an upper bound, the process-wide peak was set earlier)",
-        "- err = ‖got - want‖ / ‖want‖ against the baseline in float32 at"
-        " `precision='highest'`; budget `ok`: every error ≤ 1.05 x the baseline's own"
-        " error in the run dtype + 1e-6",
+        *TIMED_TEXT,
         "",
     ]
     if real:
         title = f"Compiled temporaries at the real heads: N={real[0]['n']}, {real[0]['dtype']}"
         lines += compiled_section(f"{title} ({m['device_kind']}, compiled, not run)", real, plot)
     targets = doc.get("targets") or {"docs": [], "missing": None}
-    for t in targets["docs"]:
-        tm = t["meta"]
+    for tm, recs in ((t["meta"], t["real_shapes"]) for t in targets["docs"]):
         title = f"{tm['device_kind']}, bf16: {tm['note']} (`results/{tm['target']}/`)"
-        lines += compiled_section(title, t["real_shapes"], None, tm["rows_note"])
+        lines += compiled_section(title, recs, None, tm["rows_note"])
     lines += [f"Targets: {targets['missing']}", ""] if targets["missing"] else []
-    table = summary(doc["results"])
-    if table[1]:
+    if summary(results)[1]:
         lines += ["## Summary: forward+backward, time ratio / temp ratio vs optax", ""]
-        lines += [*md_table(table), ""]
+        lines += [*md_table(summary(results)), ""]
     for g, title in GROUPS.items():
-        recs = [r for r in doc["results"] if group(r) == g]
+        recs = [r for r in results if group(r) == g]
         why = reasons(recs)
         lines += [f"## {title}", "", *md_table(results_table(recs)), ""] if recs else []
         lines += (["Skipped:", ""] + [f"- {s}" for s in why] + [""]) if why else []
@@ -263,7 +244,7 @@ def to_markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
     return "\n".join(lines + (["## Plots", "", *timed] if timed else [])) + "\n"
 
 
-# ---- console ----------------------------------------------------------------------------------
+# ---- console --------------------------------------------------------------------------------
 
 
 class Console:
@@ -299,10 +280,9 @@ class Console:
             elif not self.quiet and self.total:
                 print(f"[{self.done}/{self.total}] {description}", flush=True)
 
-    def table(self, title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        """A titled markdown table (nothing when there are no rows)."""
-        if rows:
-            self.log("", title, "", *md_table((list(header), [list(r) for r in rows])))
+    def table(self, title: str, table: Table) -> None:
+        """A titled markdown table (nothing when it has no rows)."""
+        self.log(*(["", title, "", *md_table(table)] if table[1] else []))
 
     def close(self) -> None:
         """Stops the bar."""
@@ -310,21 +290,10 @@ class Console:
             self._bar.stop()
 
 
-# ---- plots ------------------------------------------------------------------------------------
+# ---- plots ----------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _bars(ax: Any, recs: list[dict[str, Any]], key: Any, log: bool = False) -> None:
+def _bars(ax: Any, recs: Records, key: Any, log: bool = False) -> None:
     cases = list(dict.fromkeys(r["case"] for r in recs))
     names = list(dict.fromkeys(r["contender"] for r in recs))
     width = 0.85 / len(names)
@@ -342,20 +311,25 @@ def _bars(ax: Any, recs: list[dict[str, Any]], key: Any, log: bool = False) -> N
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
 
 
-def _save(plt: Any, fig: Any, title: str, path: Path) -> None:
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def write_plots(doc: dict[str, Any], out: Path) -> list[str]:
     """Writes the plots the document has data for; returns their file names."""
-    plt = _pyplot()
-    if plt is None:
+    try:
+        import matplotlib
+    except ImportError:
         return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     m, written = doc["meta"], []
     where = f"{m['device_kind']}" + (f", {m['note']}" if "note" in m else "")
+
+    def save(fig: Any, title: str, name: str) -> None:
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+
     real = [r for r in doc.get("real_shapes") or [] if r["status"] == "ok" and r["temp_bytes"]]
     if real:
         fig, ax = plt.subplots(figsize=(13, 5.5))
@@ -363,36 +337,35 @@ def write_plots(doc: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel("compiled temporaries, fwd+bwd (GiB)")
         ax.legend(fontsize=8, ncol=2, loc="upper left")
         title = f"real heads, N={real[0]['n']} {real[0]['dtype']} ({where}; hatched: materialized)"
-        _save(plt, fig, title, out / "real_shapes.png")
-        written.append("real_shapes.png")
-    results = [r for r in doc.get("results") or [] if r["status"] == "ok"]
-    results = [r for r in results if r["mode"] == "fwd_bwd"]
-    models = [r for r in results if r["group"] == "models" and r["head"] == "cross_entropy"]
+        save(fig, title, "real_shapes.png")
+    results = [
+        r for r in doc.get("results") or [] if r["status"] == "ok" and r["mode"] == "fwd_bwd"
+    ]
+    models = [r for r in results if group(r) == "models"]
     if models:
         fig, axes = plt.subplots(1, 2, figsize=(13, 5))
         for ax, key in zip(axes, ("time_ratio", "temp_ratio"), strict=True):
             _bars(ax, models, lambda r, k=key: r[k])
             ax.set_ylabel(f"fwd+bwd {key.split('_')[0]} / optax")
         axes[0].legend(fontsize=8)
-        _save(plt, fig, f"model heads, ratio to optax ({m['dtype']}, {where})", out / "models.png")
-        written.append("models.png")
-    for group, key in (("vocab_sweep", "v"), ("token_sweep", "n")):
-        recs = [r for r in results if r["group"] == group]
+        save(fig, f"model heads, ratio to optax ({m['dtype']}, {where})", "models.png")
+    for name, key in (("vocab_sweep", "v"), ("token_sweep", "n")):
+        recs = [r for r in results if r["group"] == name]
         if not recs:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-        for name in dict.fromkeys(r["contender"] for r in recs):
-            pts = sorted((r[key], r) for r in recs if r["contender"] == name)
+        for who in dict.fromkeys(r["contender"] for r in recs):
+            pts = sorted((r[key], r) for r in recs if r["contender"] == who)
             xs = [x for x, _ in pts]
-            axes[0].plot(xs, [r["time_s"] * 1e3 for _, r in pts], marker="o", label=name)
+            axes[0].plot(xs, [r["time_s"] * 1e3 for _, r in pts], marker="o", label=who)
             axes[1].plot(xs, [(r["temp_bytes"] or math.nan) / 2**20 for _, r in pts], marker="o")
-        labels = ("fwd+bwd time (ms)", "compiled temporaries (MiB)")
-        for ax, label in zip(axes, labels, strict=True):
+        for ax, label in zip(
+            axes, ("fwd+bwd time (ms)", "compiled temporaries (MiB)"), strict=True
+        ):
             ax.set(xscale="log", yscale="log", xlabel=key.upper(), ylabel=label)
             ax.grid(True, which="both", alpha=0.3)
         axes[0].legend(fontsize=8)
         r0 = recs[0]
         fixed = f"N={r0['n']}, D={r0['d']}" if key == "v" else f"D={r0['d']}, V={r0['v']}"
-        _save(plt, fig, f"{group} ({fixed}, {m['dtype']}, {where})", out / f"{group}.png")
-        written.append(f"{group}.png")
+        save(fig, f"{name} ({fixed}, {m['dtype']}, {where})", f"{name}.png")
     return written

@@ -1,8 +1,7 @@
 """Runs heads x cases x contenders x modes; returns flat records (one per measurement).
 
-Every record, skipped ones included, carries every key of :data:`RESULT_KEYS` (or
-:data:`COMPILED_KEYS` for the compile-only tables), so every table and plot is made
-from the JSON alone.
+Every record, skipped and compile-only ones included, carries every key of
+:data:`RESULT_KEYS`, so every table and plot is made from the JSON alone.
 """
 
 from __future__ import annotations
@@ -17,18 +16,14 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.cases import Case
-from benchmarks.contenders import ROWS, Head, Unavailable, draw, inputs, prepare
+from benchmarks.contenders import HEADS, ROWS, Head, Unavailable, draw, inputs, prepare
 
 Advance = Callable[[str], None]
 RESULT_KEYS: tuple[str, ...] = (
-    "case", "group", "head", "contender", "mode", "status", "reason", "n", "d", "v", "dtype",
-    "time_s", "times_s", "compile_s", "temp_bytes", "device_peak_bytes", "device_peak_exact",
-    "flops", "tflops", "peak_fraction", "err_loss", "err_dx", "err_dw", "time_ratio",
-    "temp_ratio", "within_budget",
-)  # fmt: skip
-COMPILED_KEYS: tuple[str, ...] = (
-    "case", "head", "contender", "n", "d", "v", "softcap", "dtype", "status", "reason",
-    "temp_bytes", "compile_s",
+    "case", "group", "head", "contender", "mode", "status", "reason", "n", "d", "v",
+    "softcap", "dtype", "time_s", "times_s", "compile_s", "temp_bytes", "device_peak_bytes",
+    "device_peak_exact", "flops", "tflops", "peak_fraction", "err_loss", "err_dx", "err_dw",
+    "time_ratio", "temp_ratio", "within_budget",
 )  # fmt: skip
 # A fused row is within its error budget when each of its errors (loss, dx, dw) is no
 # larger than the materialized baseline's in the same dtype, up to this slack.
@@ -39,7 +34,8 @@ def _record(case: Case, head: str, contender: str, mode: str, dtype: Any) -> dic
     """A record of :data:`RESULT_KEYS`, skipped until measured."""
     rec = dict.fromkeys(RESULT_KEYS) | {"case": case.name, "group": case.group, "head": head}
     rec.update(contender=contender, mode=mode, n=case.n, d=case.d, v=case.v, status="skipped")
-    return rec | {"dtype": jnp.dtype(dtype).name, "reason": "", "device_peak_exact": False}
+    rec.update(softcap=case.softcap, dtype=jnp.dtype(dtype).name, reason="")
+    return rec | {"device_peak_exact": False}
 
 
 def _fill(rec: dict[str, Any], m: harness.Measured, flops: int | None, peak: float | None) -> None:
@@ -53,6 +49,25 @@ def _fill(rec: dict[str, Any], m: harness.Measured, flops: int | None, peak: flo
     if flops:
         rec["tflops"] = flops / m.median_s / 1e12
         rec["peak_fraction"] = peak and rec["tflops"] / peak
+
+
+def ratios(records: Sequence[dict[str, Any]]) -> None:
+    """Time and temp ratios and the error budget of every record that ran, against its
+    baseline in the same case and mode: the first row of its head that ran (optax for
+    the cross-entropy, else ``reference``; optax for a standard loss)."""
+    ok = {(r["case"], r["mode"], r["contender"]): r for r in records if r["status"] == "ok"}
+    for (case, mode, _), r in ok.items():
+        rows = [c.name for c in HEADS[r["head"]].rows] if r["head"] in HEADS else ["optax"]
+        b = next((ok[k] for k in ((case, mode, n) for n in rows) if k in ok), None)
+        if b is None:
+            continue
+        r["time_ratio"] = b["time_s"] and r["time_s"] / b["time_s"]
+        if b["temp_bytes"] and r["temp_bytes"] is not None:
+            r["temp_ratio"] = r["temp_bytes"] / b["temp_bytes"]
+        if r is not b and b["err_loss"] is not None:
+            keys = [k for k in ("err_loss", "err_dx", "err_dw") if b[k] is not None]
+            scale, floor = BUDGET_SLACK
+            r["within_budget"] = all(r[k] <= scale * b[k] + floor for k in keys)
 
 
 def _grad(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
@@ -72,21 +87,6 @@ def _reference(head: Head, case: Case, args: tuple, platform: str) -> tuple[Any,
             value, (dx, dw) = jax.jit(_grad(fn))(*a)
         return jax.block_until_ready((value, dx, dw_out(dw)))
     raise RuntimeError(f"no row of {head.name} can run here")
-
-
-def _ratios(records: Sequence[dict[str, Any]], baseline: str) -> None:
-    base = {(r["case"], r["mode"]): r for r in records if r["contender"] == baseline}
-    for r in records:
-        b = base.get((r["case"], r["mode"]))
-        if r["status"] != "ok" or b is None or b["status"] != "ok":
-            continue
-        r["time_ratio"] = r["time_s"] / b["time_s"]
-        if r["temp_bytes"] is not None and b["temp_bytes"]:
-            r["temp_ratio"] = r["temp_bytes"] / b["temp_bytes"]
-        if r is not b and b["err_loss"] is not None:
-            scale, floor = BUDGET_SLACK
-            keys = [k for k in ("err_loss", "err_dx", "err_dw") if b[k] is not None]
-            r["within_budget"] = all(r[k] <= scale * b[k] + floor for k in keys)
 
 
 def _errors(got: Sequence[Any], want: Sequence[Any]) -> dict[str, Any]:
@@ -120,11 +120,11 @@ def run_head(
         case_dtype = jnp.dtype(case.dtype or dtype)
         args = inputs(case, head, case_dtype)
         ref = _reference(head, case, args, platform)
-        recs: dict[tuple[str, str], dict[str, Any]] = {}
+        recs = {
+            (n, m): _record(case, head.name, n, m, case_dtype) for n in names for m in case.modes
+        }
         programs, dw_outs = {}, {}
         for name in order:
-            for mode in case.modes:
-                recs[name, mode] = _record(case, head.name, name, mode, case_dtype)
             try:
                 fn, a, dw_outs[name] = prepare(head, ROWS[name][1], case, platform, args)
             except Unavailable as e:
@@ -133,15 +133,12 @@ def run_head(
                 continue
             for mode in case.modes:
                 programs[name, mode] = (fn if mode == "fwd" else _grad(fn), a)
-
         check = functools.partial(_check, ref, dw_outs)
-
         measured = harness.measure(programs, reps=reps, max_seconds=max_seconds, check=check)
         for (name, mode), m in measured.items():
             _fill(recs[name, mode], m, case.flops(mode), peak_tflops)
-        ordered = [recs[name, mode] for name in names for mode in case.modes]
-        _ratios(ordered, head.baseline)
-        out += ordered
+        ratios(list(recs.values()))
+        out += recs.values()
         advance(f"{head.name} {case.name}")
     return out
 
@@ -167,19 +164,17 @@ def compile_table(
         for name in rows:
             head, row = ROWS[name]
             advance(f"compile {case.name} / {name}")
-            rec = dict.fromkeys(COMPILED_KEYS)
-            rec.update(case=case.name, head=head.name, contender=name, n=case.n, d=case.d)
-            rec.update(v=case.v, softcap=case.softcap, dtype=jnp.dtype(dtype).name, status="ok")
+            out.append(rec := _record(case, head.name, name, "fwd_bwd", dtype))
             specs = tuple(place(s) for s in inputs(case, head, dtype, seed=None))
             try:
                 fn, args, _ = prepare(head, row, case, platform, specs)
                 compiled, rec["compile_s"] = harness.compile_only(_grad(fn), args)
-                rec["temp_bytes"] = harness.temp_bytes(compiled)
+                rec.update(status="ok", temp_bytes=harness.temp_bytes(compiled))
             except Unavailable as e:
-                rec.update(status="skipped", reason=str(e))
+                rec["reason"] = str(e)
             except Exception as e:  # a compiler error for this target: reported
                 rec.update(status="failed", reason=f"{type(e).__name__}: {e}"[:300])
-            out.append(rec)
+    ratios(out)
     return out
 
 
@@ -233,10 +228,8 @@ def run_standard(
         programs = {impl: (_mean_of(getattr(mod, name)), args) for impl, mod in mods.items()}
         check = lambda impl, got, want=want: _errors(got, want)
         measured = harness.measure(programs, reps=reps, max_seconds=max_seconds, check=check)
-        recs = []
         for impl, m in measured.items():
-            recs.append(_record(case, name, impl, "fwd_bwd", dtype))
-            _fill(recs[-1], m, None, None)
-        _ratios(recs, "optax")
-        out += recs
+            out.append(_record(case, name, impl, "fwd_bwd", dtype))
+            _fill(out[-1], m, None, None)
+    ratios(out)
     return out

@@ -109,8 +109,9 @@ def test_inputs_without_a_seed_are_shapes_only():
 
 def test_compiled_table_ratios_and_reasons():
     def rec(case, name, temp, status="ok", reason=""):
-        r = dict.fromkeys(suite.COMPILED_KEYS)
-        r.update(case=case, contender=name, d=4, v=8, softcap=None, temp_bytes=temp)
+        head = contenders.ROWS[name][0].name
+        r = dict.fromkeys(suite.RESULT_KEYS) | {"case": case, "head": head, "mode": "fwd_bwd"}
+        r.update(contender=name, d=4, v=8, softcap=None, temp_bytes=temp, err_loss=None)
         return r | {"status": status, "reason": reason}
 
     recs = [
@@ -121,6 +122,7 @@ def test_compiled_table_ratios_and_reasons():
         rec("a", "log_probs_materialized", 2**20),
         rec("a", "log_probs", 2**19),
     ]
+    suite.ratios(recs)  # against the first row of each head that ran: reference, materialized
     header, rows = report.compiled_table(recs)
     assert header == ["contender", "a (4x8)"]
     assert [r[1] for r in rows] == [
