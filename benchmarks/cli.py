@@ -102,9 +102,7 @@ def _timed(jobs: Sequence[tuple], matmul: tuple[int, int, int], dtype: Any, **kw
     peak = harness.matmul_peak(matmul, dtype)
     results = []
     for head, head_cases, rows in jobs:
-        results += suite.run_head(
-            head, head_cases, rows, dtype=dtype, peak_tflops=peak["tflops"], **kw
-        )
+        results += suite.run_head(head, head_cases, rows, dtype=dtype, **kw)
     again = harness.matmul_peak(matmul, dtype)
     peak = max(peak, again, key=lambda p: p["tflops"])
     for r in results:

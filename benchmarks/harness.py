@@ -11,7 +11,6 @@ never timed. :func:`matmul_peak` and every mode of the suite use it.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -22,33 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@dataclasses.dataclass
-class Measured:
-    """One program's figures; ``failure`` is set (and the rest may be missing) when it
-    could not compile or run. ``peak_exact`` False: the process-wide device peak was
-    set earlier, so ``peak_bytes`` is only an upper bound."""
-
-    compile_s: float = 0.0
-    temp_bytes: int | None = None
-    peak_bytes: int | None = None
-    peak_exact: bool = False
-    times_s: list[float] = dataclasses.field(default_factory=list)
-    checked: dict[str, Any] = dataclasses.field(default_factory=dict)
-    failure: str | None = None
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.times_s)
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: the first line of the message``."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {(lines[0] if lines else '')[:limit]}"
 
 
 def temp_bytes(compiled: Any) -> int | None:
     """``temp_size_in_bytes`` of a compiled executable (None where not reported)."""
     try:
-        analysis = compiled.memory_analysis()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
     except Exception:  # not every backend implements it
         return None
-    value = getattr(analysis, "temp_size_in_bytes", None)
-    return None if value is None else int(value)
 
 
 def compile_only(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, float]:
@@ -66,50 +50,48 @@ def _memory_stats() -> dict[str, int]:
         return {}
 
 
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """``Type: the first line of the message``."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {(lines[0] if lines else '')[:limit]}"
-
-
 def measure(
     programs: dict[Any, tuple[Callable[..., Any], tuple[Any, ...]]],
     *,
     reps: int,
     max_seconds: float,
     check: Callable[[Any, Any], dict[str, Any]] | None = None,
-) -> dict[Any, Measured]:
-    """Measures ``{name: (fn, args)}`` (see the module docstring), in the given order.
-
-    ``reps`` rounds at most; no new round starts once a program has spent
-    ``max_seconds`` (one round always runs). A program that fails is reported, never
-    raised.
-    """
-    out: dict[Any, Measured] = {}
+) -> dict[Any, dict[str, Any]]:
+    """Measures ``{name: (fn, args)}`` (see the module docstring), in the given order:
+    ``{name: figures}`` with ``status`` "ok" (``time_s``, the median of ``times_s``;
+    ``compile_s``, ``temp_bytes``, ``device_peak_bytes``, ``device_peak_exact``: False
+    when the process-wide device peak was set earlier, an upper bound; what ``check``
+    returned) or "skipped" with the ``reason``: a failing program is reported, never
+    raised. ``reps`` rounds at most; no new round starts once a program has spent
+    ``max_seconds`` (one round always runs)."""
+    out: dict[Any, dict[str, Any]] = {}
     ready: dict[Any, tuple[Any, tuple[Any, ...]]] = {}
     for name, (fn, args) in programs.items():
-        m = out[name] = Measured()
+        m = out[name] = {"status": "ok", "times_s": []}
         try:
-            compiled, m.compile_s = compile_only(fn, args)
-            m.temp_bytes = temp_bytes(compiled)
+            compiled, m["compile_s"] = compile_only(fn, args)
+            m["temp_bytes"] = temp_bytes(compiled)
             before = _memory_stats()
             result = jax.block_until_ready(compiled(*args))
             after = _memory_stats()
             if "peak_bytes_in_use" in after and "bytes_in_use" in before:
-                m.peak_exact = after["peak_bytes_in_use"] > before.get("peak_bytes_in_use", 0)
-                m.peak_bytes = after["peak_bytes_in_use"] - before["bytes_in_use"]
-            m.checked = check(name, result) if check else {}
+                peak = after["peak_bytes_in_use"]
+                m["device_peak_exact"] = peak > before.get("peak_bytes_in_use", 0)
+                m["device_peak_bytes"] = peak - before["bytes_in_use"]
+            m.update(check(name, result) if check else {})
             del result
             ready[name] = (compiled, args)
         except Exception as e:  # e.g. out of memory: report, never crash
-            m.failure = f"failed: {first_line(e)}"
+            out[name] = {"status": "skipped", "reason": f"failed: {first_line(e)}"}
     for _ in range(max(1, reps)):
         for name, (compiled, args) in ready.items():
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(*args))
-            out[name].times_s.append(time.perf_counter() - t0)
-        if max((sum(out[n].times_s) for n in ready), default=max_seconds) >= max_seconds:
+            out[name]["times_s"].append(time.perf_counter() - t0)
+        if max((sum(out[n]["times_s"]) for n in ready), default=max_seconds) >= max_seconds:
             break
+    for name in ready:
+        out[name]["time_s"] = statistics.median(out[name]["times_s"])
     return out
 
 
@@ -130,8 +112,9 @@ def matmul_peak(shape: tuple[int, int, int], dtype: Any, reps: int = 3) -> dict[
     """The best throughput of ``reps`` plain ``[M, K] @ [K, N]`` in ``dtype``: the
     attainable rate the contenders are compared with."""
     m, k, n = shape
-    a, b = (jnp.ones(s, dtype) for s in ((m, k), (k, n)))
-    best = min(measure({"mm": (jnp.matmul, (a, b))}, reps=reps, max_seconds=1e9)["mm"].times_s)
+    rng = np.random.default_rng(1)  # random data: a GPU's clocks under a realistic load
+    a, b = (jnp.asarray(rng.standard_normal(s, np.float32), dtype) for s in ((m, k), (k, n)))
+    best = min(measure({"mm": (jnp.matmul, (a, b))}, reps=reps, max_seconds=1e9)["mm"]["times_s"])
     return {
         "shape": list(shape),
         "dtype": jnp.dtype(dtype).name,

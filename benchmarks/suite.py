@@ -38,17 +38,11 @@ def _record(case: Case, head: str, contender: str, mode: str, dtype: Any) -> dic
     return rec | {"device_peak_exact": False}
 
 
-def _fill(rec: dict[str, Any], m: harness.Measured, flops: int | None, peak: float | None) -> None:
-    """``rec`` from a measurement (its reason when it failed)."""
-    if m.failure:
-        rec["reason"] = m.failure
-        return
-    rec.update(status="ok", time_s=m.median_s, times_s=m.times_s, compile_s=m.compile_s)
-    rec.update(temp_bytes=m.temp_bytes, device_peak_bytes=m.peak_bytes, flops=flops)
-    rec.update(device_peak_exact=m.peak_exact, **m.checked)
-    if flops:
-        rec["tflops"] = flops / m.median_s / 1e12
-        rec["peak_fraction"] = peak and rec["tflops"] / peak
+def _fill(rec: dict[str, Any], measured: dict[str, Any], flops: int | None) -> None:
+    """``rec`` from :func:`harness.measure`'s figures, with the TFLOP/s of ``flops``."""
+    rec.update(measured)
+    if rec["status"] == "ok" and flops:
+        rec.update(flops=flops, tflops=flops / rec["time_s"] / 1e12)
 
 
 def ratios(records: Sequence[dict[str, Any]]) -> None:
@@ -108,7 +102,6 @@ def run_head(
     dtype: Any,
     reps: int,
     max_seconds: float,
-    peak_tflops: float | None = None,
     advance: Advance = lambda _: None,
 ) -> list[dict[str, Any]]:
     """Times ``rows`` of ``head`` (its baseline always included) on every case."""
@@ -136,7 +129,7 @@ def run_head(
         check = functools.partial(_check, ref, dw_outs)
         measured = harness.measure(programs, reps=reps, max_seconds=max_seconds, check=check)
         for (name, mode), m in measured.items():
-            _fill(recs[name, mode], m, case.flops(mode), peak_tflops)
+            _fill(recs[name, mode], m, case.flops(mode))
         ratios(list(recs.values()))
         out += recs.values()
         advance(f"{head.name} {case.name}")
@@ -230,6 +223,6 @@ def run_standard(
         measured = harness.measure(programs, reps=reps, max_seconds=max_seconds, check=check)
         for impl, m in measured.items():
             out.append(_record(case, name, impl, "fwd_bwd", dtype))
-            _fill(out[-1], m, None, None)
+            _fill(out[-1], m, None)
     ratios(out)
     return out
