@@ -137,15 +137,13 @@ def run_suite(argv: list[str]) -> int:
     title = f"compiled temporaries, fwd+bwd, N={args.real_tokens}"
     try:
         # The targets compile in subprocesses while the host compiles its own table.
-        launches = targets.launch(python, args.targets_out, real_heads, args.real_tokens,
-                                  con.advance) if python else []  # fmt: skip
+        wait = python and targets.launch(python, args.targets_out, real_heads,
+                                         args.real_tokens, con.advance)  # fmt: skip
         recs = suite.compile_table(real, real_rows, dtype=dtype, platform=platform,
                                    advance=con.advance)  # fmt: skip
         con.table(f"{title} {dtype.name} ({meta['device_kind']}; compiled, not run)",
                   report.compiled_table(recs))  # fmt: skip
-        docs, missing = (
-            targets.collect(launches) if python else ([], (real and targets.HOW) or None)
-        )
+        docs, missing = wait() if wait else ([], targets.HOW if real else None)
         for t in docs:
             t["meta"]["command"] = meta["command"]
             report.write(t, args.targets_out / t["meta"]["target"], not args.no_plots)

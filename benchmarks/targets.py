@@ -126,60 +126,54 @@ def steps(heads: int) -> int:
     return sum(len(ROWS[platform]) for platform, _, _ in TARGETS.values()) * heads
 
 
-def launch(python: str, out: Path, heads: Sequence[str], tokens: int, advance: Any) -> list:
-    """The GPU and the TPU targets in two subprocesses: both cores compile once the
-    host's own table is done (the TPU compiles take the longest)."""
-    groups = [[n for n, t in TARGETS.items() if t[0] == p] for p in ("gpu", "tpu")]
-    return [Launch(python, out, heads, tokens, advance, names) for names in groups]
+def _read(proc: subprocess.Popen, advance: Callable[[str], None], lines: list[str]) -> None:
+    assert proc.stdout is not None
+    with proc.stdout:  # closed once the subprocess has said everything
+        for line in proc.stdout:
+            if line.startswith(_MARK):
+                advance(line[len(_MARK) :].strip())
+            else:
+                lines.append(line.rstrip())
 
 
-def collect(launches: Sequence[Launch]) -> tuple[list[dict[str, Any]], str | None]:
-    """The documents of every launch, and why some are missing (None: all there)."""
-    docs, missing = [], None
-    for got, why in (one.wait() for one in launches):
-        docs, missing = docs + got, missing or why
-    return docs, missing
+def launch(
+    python: str, out: Path, heads: Sequence[str], tokens: int, advance: Callable[[str], None],
+    groups: Sequence[Sequence[str]] | None = None,
+) -> Callable[[], tuple[list[dict[str, Any]], str | None]]:  # fmt: skip
+    """Starts compiling the targets (default: the GPU and the TPU ones in two
+    subprocesses, both cores busy once the host's own table is done); their progress
+    lines advance the caller's bar. Returns the wait for them: (their documents, why
+    some are missing or None)."""
+    import fusedloss
 
-
-class Launch:
-    """Targets compiled in a subprocess; its progress lines advance the caller's bar."""
-
-    def __init__(
-        self, python: str, out: Path, heads: Sequence[str], tokens: int, advance: Any,
-        names: Sequence[str] = tuple(TARGETS),
-    ) -> None:  # fmt: skip
-        import fusedloss
-
-        src = str(Path(fusedloss.__file__).resolve().parents[1])
-        env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), src])}
+    src = str(Path(fusedloss.__file__).resolve().parents[1])
+    env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), src])}
+    cmd = [python, "-m", "benchmarks", "targets", "--out", str(out), "--tokens", str(tokens)]
+    runs = []
+    for names in groups or [[n for n, t in TARGETS.items() if t[0] == p] for p in ("gpu", "tpu")]:
         for name in names:  # never report an earlier run's tables as this one's
             (out / name / "results.json").unlink(missing_ok=True)
-        cmd = [python, "-m", "benchmarks", "targets", "--out", str(out), "--tokens", str(tokens)]
-        self.out, self.names, self.lines = out, names, []
-        self.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [*cmd, "--targets", *names, "--heads", *heads], cwd=ROOT, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.thread = threading.Thread(target=self._read, args=(advance,), daemon=True)
-        self.thread.start()
+        lines: list[str] = []
+        reader = threading.Thread(target=_read, args=(proc, advance, lines), daemon=True)
+        reader.start()
+        runs.append((names, proc, reader, lines))
 
-    def _read(self, advance: Callable[[str], None]) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout:  # closed once the subprocess has said everything
-            for line in self.proc.stdout:
-                if line.startswith(_MARK):
-                    advance(line[len(_MARK) :].strip())
-                else:
-                    self.lines.append(line.rstrip())
+    def wait() -> tuple[list[dict[str, Any]], str | None]:
+        docs, missing = [], None
+        for names, proc, reader, lines in runs:
+            code = proc.wait()
+            reader.join()
+            paths = [out / name / "results.json" for name in names]
+            docs += [json.loads(path.read_text()) for path in paths if path.exists()]
+            tail = " | ".join(line for line in lines[-3:] if line)[-400:]
+            missing = missing or (code and f"the targets run failed (exit {code}): {tail}") or None
+        return docs, missing
 
-    def wait(self) -> tuple[list[dict[str, Any]], str | None]:
-        """The targets' documents, and why some are missing (None: all there)."""
-        code = self.proc.wait()
-        self.thread.join()
-        paths = [self.out / name / "results.json" for name in self.names]
-        docs = [json.loads(path.read_text()) for path in paths if path.exists()]
-        tail = " | ".join(line for line in self.lines[-3:] if line)[-400:]
-        return docs, None if code == 0 else f"the targets run failed (exit {code}): {tail}"
+    return wait
 
 
 if __name__ == "__main__":

@@ -224,11 +224,12 @@ def test_targets_run_progress_results_and_failure(tmp_path):
     body = 'echo "TARGETS_PROGRESS h100: compile tiny / default"; echo noise; mkdir -p "$5/h100"\n'
     body += 'echo \'{"meta": {"target": "h100"}, "real_shapes": []}\' > "$5/h100/results.json"\n'
     seen = []
-    launch = targets.Launch(_fake_interpreter(tmp_path, body), tmp_path, ["tiny"], 16, seen.append)
-    assert launch.wait() == ([{"meta": {"target": "h100"}, "real_shapes": []}], None)
+    fake = _fake_interpreter(tmp_path, body)
+    wait = targets.launch(fake, tmp_path, ["tiny"], 16, seen.append, [["h100"]])
+    assert wait() == ([{"meta": {"target": "h100"}, "real_shapes": []}], None)
     assert seen == ["h100: compile tiny / default"]
     failing = _fake_interpreter(tmp_path, "echo 'No module named libtpu' >&2; exit 3\n")
-    docs, missing = targets.Launch(failing, tmp_path, ["tiny"], 16, seen.append).wait()
+    docs, missing = targets.launch(failing, tmp_path, ["tiny"], 16, seen.append, [["h100"]])()
     assert docs == []  # the earlier run's table is not reported as this one's
     assert missing == "the targets run failed (exit 3): No module named libtpu"
 
