@@ -1,10 +1,6 @@
-"""Every shape the suite runs: real LM heads, sweeps, and how each suite scales them.
-
-A *model shape* is an LM head ``w [D, V]`` of a published model; a *case* is one
-problem ``x [N, D] @ w [D, V]`` that the suite runs. The quick suite on a CPU keeps the
-real vocabulary ``V`` but scales ``D`` down (the ``[N, V]`` passes dominate there) and
-says so in the case's ``note``; on GPU/TPU the heads run at their real ``D``.
-"""
+"""Every shape the suite runs: real LM heads, sweeps, and how each suite scales them
+(``benchmarks/README.md``, "Shapes"): on a CPU the quick suite keeps the real ``V`` and
+scales ``D`` down, and says so in the case's ``note``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""``python -m benchmarks [MODE] ...``: the suite and its modes, one harness for all."""
+"""Benchmarks fusedloss's fused LM heads against their materialized equivalents (optax for
+cross-entropy) and third-party fused implementations (jax-cce, tokamax) if installed:
+compiled temporaries at the REAL heads (GPT-2, Llama-3-8B, Gemma-2-2B, Qwen-2.5-7B;
+N=8192) on the host and, compiled not run, for H100, A100, TPU v5e and v6e (bf16); then
+timings, TFLOP/s, device peak memory and errors where this device runs them. Writes
+results.json, results.md and PNGs under benchmarks/results/<device_kind or target>/."""
 
 from __future__ import annotations
 
@@ -24,13 +29,6 @@ from benchmarks.contenders import CONTENDERS, CROSS_ENTROPY, HEADS, ROWS, third_
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-_DESCRIPTION = """\
-Benchmarks fusedloss's fused LM heads against their materialized equivalents (optax for
-cross-entropy) and third-party fused implementations (jax-cce, tokamax) if installed:
-compiled temporaries at the REAL heads (GPT-2, Llama-3-8B, Gemma-2-2B, Qwen-2.5-7B;
-N=8192) on the host and, compiled not run, for H100, A100, TPU v5e and v6e (bf16); then
-timings, TFLOP/s, device peak memory and errors where this device runs them. Writes
-results.json, results.md and PNGs under benchmarks/results/<device_kind or target>/."""
 _EPILOG = f"""\
 modes (the first word; `python -m benchmarks MODE --help`):
   ratios [--tied]        the xla strategies against the materialized path
@@ -51,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The suite's options (``--help`` documents each)."""
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description=_DESCRIPTION,
+        description=__doc__,
         epilog=_EPILOG + f"cross-entropy contenders: {', '.join(CONTENDERS)} (optax: the baseline)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

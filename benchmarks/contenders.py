@@ -1,16 +1,9 @@
-"""What the suite runs: the table of heads, each with its contenders, and their inputs.
+"""The table of heads (:data:`HEADS`), each with its contenders, and the one input builder.
 
-A :class:`Head` is one loss computed from ``x [N, D] @ w [D, V]`` (cross-entropy,
-log-probs, top-K distillation, distillation against a teacher head); its rows are the
-ways to compute it, the first being the materialized baseline every ratio is taken
-against and whose float32, ``precision="highest"`` result is the error reference.
-**Adding a head is one entry in** :data:`HEADS` (usually ``_pair(...)``: the fused
-loss, its materialized equivalent and the inputs beyond ``x`` and ``w``); every table
-(compiled temporaries on the host and the targets, timings, errors, plots) picks it up.
-
-A contender that is not installed or does not support the case or platform raises
-:class:`Unavailable`; it is reported as skipped with the reason.
-"""
+A head's first row is the materialized baseline: ratios are taken against it and its
+float32 ``precision="highest"`` result is the error reference. Adding a head is one
+``_pair(...)`` entry (``benchmarks/README.md``). A contender that is not installed or
+does not support the case or platform raises :class:`Unavailable`: skipped, with why."""
 
 from __future__ import annotations
 
@@ -299,10 +292,9 @@ HEADS: dict[str, Head] = {
 }  # fmt: skip
 CONTENDERS: dict[str, Contender] = {c.name: c for c in CROSS_ENTROPY.rows}
 ROWS: dict[str, tuple[Head, Contender]] = {c.name: (h, c) for h in HEADS.values() for c in h.rows}
-BASELINE = CROSS_ENTROPY.baseline
 
 
-def prepare(head: Head, row: Contender, case: Case, platform: str, args: tuple) -> tuple:
+def prepare(row: Contender, case: Case, platform: str, args: tuple) -> tuple:
     """``(fn, args, dw_out)`` of a row bound to a case and inputs ``(x, w, *extras)``:
     ``w`` passed as ``[V, D]`` to a tied case (the loss sees its ``.T``) or a ``vd`` row,
     ``dw_out`` maps the gradient back to ``[D, V]``. Raises :class:`Unavailable`."""

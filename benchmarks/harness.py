@@ -1,13 +1,6 @@
-"""The one timing harness: compile, warm up, then time programs interleaved; medians.
-
-:func:`measure` compiles each program (``jax.jit(fn).lower(*args).compile()``, which
-also gives the compiled ``temp_size_in_bytes``), calls it once as a warm-up (its
-device peak memory and its output, handed to ``check`` for errors, come from that
-call), then times rounds of one call of every program each, ended by
-``jax.block_until_ready``: drift in the machine's speed (other load, clocks) reaches
-every program alike instead of biasing their ratios. Compilation and warm-up are
-never timed. :func:`matmul_peak` and every mode of the suite use it.
-"""
+"""The one timing harness (``benchmarks/README.md``, "How it measures"): compile, warm
+up, then rounds of one call of every program, interleaved, so that drift in the
+machine's speed reaches all alike; medians. Compilation and warm-up are never timed."""
 
 from __future__ import annotations
 

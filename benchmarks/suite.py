@@ -74,7 +74,7 @@ def _reference(head: Head, case: Case, args: tuple, platform: str) -> tuple[Any,
     f32 = tuple(a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in args)
     for row in head.rows:
         try:
-            fn, a, dw_out = prepare(head, row, case, platform, f32)
+            fn, a, dw_out = prepare(row, case, platform, f32)
         except Unavailable:
             continue
         with jax.default_matmul_precision("highest"):  # active while tracing
@@ -119,7 +119,7 @@ def run_head(
         programs, dw_outs = {}, {}
         for name in order:
             try:
-                fn, a, dw_outs[name] = prepare(head, ROWS[name][1], case, platform, args)
+                fn, a, dw_outs[name] = prepare(ROWS[name][1], case, platform, args)
             except Unavailable as e:
                 for mode in case.modes:
                     recs[name, mode]["reason"] = str(e)
@@ -160,7 +160,7 @@ def compile_table(
             out.append(rec := _record(case, head.name, name, "fwd_bwd", dtype))
             specs = tuple(place(s) for s in inputs(case, head, dtype, seed=None))
             try:
-                fn, args, _ = prepare(head, row, case, platform, specs)
+                fn, args, _ = prepare(row, case, platform, specs)
                 compiled, rec["compile_s"] = harness.compile_only(_grad(fn), args)
                 rec.update(status="ok", temp_bytes=harness.temp_bytes(compiled))
             except Unavailable as e:

@@ -1,13 +1,10 @@
 """Compiled temporaries for GPUs and TPUs this machine does not have: compiled, not run.
 
-JAX compiles for *compile-only devices* (``jax.experimental.topologies``) with the
-real XLA GPU and TPU compilers when ``jax[tpu]``, ``jax[cuda12-local]`` and
-``nvidia-cuda-nvcc-cu12`` are installed. They cannot share an environment with the
-ordinary run (the CUDA plugin would register itself), so ``make bench`` builds
-``.venv-targets`` and the suite runs ``python -m benchmarks targets --out DIR`` with
-that interpreter, in a subprocess, while the host compiles its own table. Nothing
-runs on a target: these tables say nothing about speed or numerics.
-"""
+The compile-only devices (``jax.experimental.topologies``) need ``jax[tpu]``,
+``jax[cuda12-local]`` and ``nvidia-cuda-nvcc-cu12``, which cannot share the ordinary
+run's environment (the CUDA plugin would register itself): ``make bench`` builds
+``.venv-targets`` and the suite runs ``python -m benchmarks targets`` with it, in
+subprocesses, while the host compiles its own table."""
 
 from __future__ import annotations
 
