@@ -63,33 +63,30 @@ def _ms(s: float | None) -> str:
 # ---- tables ---------------------------------------------------------------------------------
 
 
+def _pivot(records: Records, cell: Any, column: Any) -> Table:
+    """Rows: contenders; columns: cases, headed ``column(record)``; ``cell(record or None)``."""
+    cases = {r["case"]: r for r in records}
+    by = {(r["contender"], r["case"]): r for r in records}
+    names = dict.fromkeys(r["contender"] for r in records)
+    rows = [[n, *(cell(by.get((n, c))) for c in cases)] for n in names]
+    return ["contender", *map(column, cases.values())], rows
+
+
 def compiled_table(records: Records) -> Table:
     """Rows: contenders; columns: heads; cells: temporaries and ratio, or why not."""
-    cases = {r["case"]: r for r in records}
-    by = {(r["case"], r["contender"]): r for r in records}
-    header = ["contender"] + [
-        f"{c} ({r['d']}x{r['v']}" + (f", softcap {r['softcap']:g})" if r["softcap"] else ")")
-        for c, r in cases.items()
-    ]
-    rows = []
-    for name in dict.fromkeys(r["contender"] for r in records):
-        cells = [name]
-        for c in cases:
-            r, ran = by.get((c, name)), (by.get((c, row.name)) for row in ROWS[name][0].rows)
-            base = next((b for b in ran if b is not None and b["status"] == "ok"), None)
-            if r is None:
-                cells.append("")
-            elif r["status"] == "ok":
-                ratio = r["temp_ratio"] if base is not r else None  # the baseline's own: 1
-                cells.append(
-                    fmt_bytes(r["temp_bytes"]) + ("" if ratio is None else f" ({ratio:.2g}x)")
-                )
-            elif "not installed" in r["reason"] or " only (" in r["reason"]:
-                cells.append(r["reason"].split(" (")[0])
-            else:
-                cells.append(r["status"])
-        rows.append(cells)
-    return header, rows
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None or r["status"] == "ok":
+            return (
+                ""
+                if r is None
+                else fmt_bytes(r["temp_bytes"]) + _f(r["temp_ratio"], ".2g", "x)", " (")
+            )
+        short = "not installed" in r["reason"] or " only (" in r["reason"]
+        return r["reason"].split(" (")[0] if short else r["status"]
+
+    cap = lambda r: f", softcap {r['softcap']:g}" if r["softcap"] else ""
+    return _pivot(records, cell, lambda r: f"{r['case']} ({r['d']}x{r['v']}{cap(r)})")
 
 
 def reasons(records: Records) -> list[str]:
@@ -132,16 +129,15 @@ def results_table(records: Records) -> Table:
 def summary(results: Records) -> Table:
     """Cross-entropy contenders x model heads: fwd+bwd ``time ratio / temp ratio``."""
     recs = [r for r in results if group(r) == "models" and r["mode"] == "fwd_bwd"]
-    cases = {r["case"]: r for r in recs}
-    by = {(r["contender"], r["case"]): r for r in recs if r["status"] == "ok"}
-    rows = [
-        [name] + [f"{_f(r['time_ratio'], '.2g', 'x')} / {_f(r['temp_ratio'], '.2g', 'x')}"
-                  if r else "skipped" for r in (by.get((name, c)) for c in cases)]
-        for name in dict.fromkeys(r["contender"] for r in recs)
-        if any((name, c) in by for c in cases)
-    ]  # fmt: skip
-    header = ["contender"] + [f"{c} (N={r['n']}, D={r['d']}, V={r['v']})" for c, r in cases.items()]
-    return header, rows
+    ran = {r["contender"] for r in recs if r["status"] == "ok"}
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None or r["status"] != "ok":
+            return "skipped"
+        return f"{_f(r['time_ratio'], '.2g', 'x')} / {_f(r['temp_ratio'], '.2g', 'x')}"
+
+    column = lambda r: f"{r['case']} (N={r['n']}, D={r['d']}, V={r['v']})"
+    return _pivot([r for r in recs if r["contender"] in ran], cell, column)
 
 
 def md_table(table: Table) -> list[str]:

@@ -126,7 +126,8 @@ def test_compiled_table_ratios_and_reasons():
     header, rows = report.compiled_table(recs)
     assert header == ["contender", "a (4x8)"]
     assert [r[1] for r in rows] == [
-        "optax not installed", "4 GiB", "1 GiB (0.25x)", "TPU only", "1 MiB", "512 KiB (0.5x)",
+        "optax not installed", "4 GiB (1x)", "1 GiB (0.25x)", "TPU only", "1 MiB (1x)",
+        "512 KiB (0.5x)",
     ]  # fmt: skip
     assert report.reasons(recs)[0].startswith("optax (a): optax not installed")
 
