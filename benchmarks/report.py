@@ -244,7 +244,8 @@ def to_markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
 
 
 class Console:
-    """``total`` steps for the bar (None: no bar); ``quiet`` prints nothing.
+    """``total`` steps for the bar (None, or ``rich`` not installed: no bar); ``quiet``
+    prints nothing.
     :meth:`advance` may be called from another thread (the targets' reader)."""
 
     def __init__(self, total: int | None = None, quiet: bool = False) -> None:
@@ -273,8 +274,6 @@ class Console:
             self.done += 1
             if self._bar is not None:
                 self._bar.update(self._task, advance=1, description=description[:60])
-            elif not self.quiet and self.total:
-                print(f"[{self.done}/{self.total}] {description}", flush=True)
 
     def table(self, title: str, table: Table) -> None:
         """A titled markdown table (nothing when it has no rows)."""

@@ -90,8 +90,8 @@ def _errors(got: Sequence[Any], want: Sequence[Any]) -> dict[str, Any]:
 
 
 def _check(ref: tuple, dw_outs: dict[str, Any], key: tuple[str, str], r: Any) -> dict[str, Any]:
-    got = (r,) if key[1] == "fwd" else (r[0], r[1][0], dw_outs[key[0]](r[1][1]))
-    return _errors(got, ref)
+    """The errors of a program's output: the loss, or ``(loss, (dx, dw))``."""
+    return _errors((r,) if key[1] == "fwd" else (r[0], r[1][0], dw_outs[key[0]](r[1][1])), ref)
 
 
 def run_head(

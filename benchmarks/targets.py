@@ -19,6 +19,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from benchmarks import cases as cs
+from benchmarks import suite
+
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (platform, topology, GPU target description under tests/targets/)
 TARGETS: dict[str, tuple[str, str, str | None]] = {
@@ -56,8 +65,6 @@ _MARK = "TARGETS_PROGRESS "
 
 
 def _device(name: str) -> Any:
-    from jax.experimental import topologies
-
     platform, topology, spec = TARGETS[name]
     if platform == "gpu":
         text = (ROOT / "tests" / "targets" / spec).read_text()
@@ -70,23 +77,14 @@ def _device(name: str) -> Any:
 def main(argv: Sequence[str]) -> int:
     """``python -m benchmarks targets``: compiles the table for each target into
     ``OUT/<target>/results.json`` (run by the targets interpreter)."""
-    from benchmarks import cases as cases_mod
-
     p = argparse.ArgumentParser(prog="python -m benchmarks targets", description=__doc__)
     p.add_argument("--out", type=Path, required=True, help="one directory per target in it")
     p.add_argument("--targets", nargs="+", choices=tuple(TARGETS), default=list(TARGETS))
-    p.add_argument("--heads", nargs="+", choices=tuple(cases_mod.MODEL_SHAPES))
+    p.add_argument("--heads", nargs="+", choices=tuple(cs.MODEL_SHAPES))
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--rows", nargs="+", help=f"rows to compile (default: {ROWS})")
     a = p.parse_args(argv)
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from benchmarks import suite
-
-    cases = [cases_mod.model_case(h, a.tokens) for h in a.heads or cases_mod.DEFAULT_MODELS]
+    cases = [cs.model_case(h, a.tokens) for h in a.heads or cs.DEFAULT_MODELS]
     for name in a.targets:
         started = time.perf_counter()
         device = _device(name)
