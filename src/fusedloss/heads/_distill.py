@@ -150,22 +150,26 @@ def _row_closed_form(z, u, lab, dh: Distill):
     """Whole rows of softcapped logits: per-row (divergence, cross-entropy), ``ds``
     (the divergence's gradient w.r.t. ``z / T``, as in :func:`_dlogits`), the softmax
     at temperature 1 where it is the student's (``T = 1``) and the log-sum-exp at
-    temperature 1. The log-probabilities, their exponentials and the divergence's
-    summands are formed once: ``K`` is the row sum of the summands ``s`` of
-    ``sum q (log q - log r)`` (``r = p``, reverse_kl; ``r = m``, jsd) and
-    ``q (log q - log r - K) = s - q K``."""
+    temperature 1. The KL divergences come with the log-sum-exps' sums, as in
+    :func:`_recompute_forward` (a summand is 0 where its weight ``exp`` is 0); jsd
+    shares its summands with ``ds``: ``q (log q - log m - K) = s - q K`` of the
+    summands ``s`` of ``K = sum q (log q - log m)``."""
     t = dh.temperature
-    ls, lt = jax.nn.logsumexp(z / t, axis=-1), jax.nn.logsumexp(u / t, axis=-1)
-    lq, lp = z / t - ls[:, None], u / t - lt[:, None]
+    zs, us = z / t, u / t
+    ms, es = _max_exp(zs)
+    mt, et = _max_exp(us)
+    ss, st = jnp.sum(es, axis=-1), jnp.sum(et, axis=-1)
+    ls, lt = ms + jnp.log(ss), mt + jnp.log(st)
+    lq, lp = zs - ls[:, None], us - lt[:, None]
     q = jnp.exp(lq)
     if dh.divergence == "forward_kl":
-        p = jnp.exp(lp)
-        div = jnp.sum(_xlogy_diff(p, lp, lq), axis=-1)
-        ds = q - p
+        a = jnp.sum(jnp.where(et > 0, et * (us - zs), 0.0), axis=-1)
+        div = a / st - lt + ls
+        ds = q - jnp.exp(lp)
     elif dh.divergence == "reverse_kl":
-        s = _xlogy_diff(q, lq, lp)
-        div = jnp.sum(s, axis=-1)
-        ds = s - q * div[:, None]
+        a = jnp.sum(jnp.where(es > 0, es * (zs - us), 0.0), axis=-1)
+        div = a / ss - ls + lt
+        ds = jnp.where(q > 0, q * (lq - lp - div[:, None]), 0.0)
     else:
         lm = jnp.logaddexp(math.log(dh.beta) + lp, math.log1p(-dh.beta) + lq)
         s = _xlogy_diff(q, lq, lm)
@@ -177,6 +181,13 @@ def _row_closed_form(z, u, lab, dh: Distill):
     l1 = ls if t == 1.0 else jax.nn.logsumexp(z, axis=-1)
     picked = jnp.take_along_axis(z, lab[:, None], axis=-1)[:, 0]
     return div, l1 - picked, ds, q if t == 1.0 else None, l1
+
+
+def _max_exp(a):
+    """Row maxima of ``a`` (0 for a row of -inf) and ``exp(a - max)``."""
+    m = jnp.max(a, axis=-1)
+    m = jnp.where(jnp.isneginf(m), 0.0, m)
+    return m, jnp.exp(a - m[:, None])
 
 
 def _gif_pass(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, plan: XlaPlan):
