@@ -17,10 +17,12 @@ Three strategies, chosen by :func:`fusedloss.heads.xla.plan` as for the cross-en
     The whole rows at once, gradients by JAX's autodiff (small problems; the
     ``reference`` implementation).
 ``grad_in_forward``
-    Token blocks over the whole vocabulary: both heads' logits of a block, the loss
-    and the gradient of the student's logits by autodiff of the row loss, then the
-    ``dx``/``dw`` products, in the forward pass (a reduced loss only). The same
-    matmuls as the materialized computation.
+    Token blocks over the whole vocabulary: both heads' logits of a block, the
+    block's log-sum-exps, the losses and the closed-form gradient of the student's
+    logits (the softmaxes formed once for all three), then the ``dx``/``dw``
+    products, in the forward pass (a reduced loss only). The same matmuls as the
+    materialized computation. Columns of probability 0 on both heads (a -inf bias)
+    add nothing, to the gradients either.
 ``recompute``
     Vocabulary chunks with online statistics; the forward keeps per-token scalars
     (the log-sum-exps, the divergence or its ``K``), the backward recomputes each
