@@ -17,10 +17,12 @@ Three strategies, chosen by :func:`fusedloss.heads.xla.plan` as for the cross-en
     The whole rows at once, gradients by JAX's autodiff (small problems; the
     ``reference`` implementation).
 ``grad_in_forward``
-    Token blocks over the whole vocabulary: both heads' logits of a block, the loss
-    and the gradient of the student's logits by autodiff of the row loss, then the
-    ``dx``/``dw`` products, in the forward pass (a reduced loss only). The same
-    matmuls as the materialized computation.
+    Token blocks over the whole vocabulary: both heads' logits of a block, the
+    block's log-sum-exps, the losses and the closed-form gradient of the student's
+    logits (the softmaxes formed once for all three), then the ``dx``/``dw``
+    products, in the forward pass (a reduced loss only). The same matmuls as the
+    materialized computation. Columns of probability 0 on both heads (a -inf bias)
+    add nothing, to the gradients either.
 ``recompute``
     Vocabulary chunks with online statistics; the forward keeps per-token scalars
     (the log-sum-exps, the divergence or its ``K``), the backward recomputes each
@@ -146,6 +148,50 @@ def _gif_total(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, 
     return total, div, ce
 
 
+def _row_closed_form(z, u, lab, dh: Distill):
+    """Whole rows of softcapped logits: per-row (divergence, cross-entropy), ``ds``
+    (the divergence's gradient w.r.t. ``z / T``, as in :func:`_dlogits`), the softmax
+    at temperature 1 where it is the student's (``T = 1``) and the log-sum-exp at
+    temperature 1. The KL divergences come with the log-sum-exps' sums, as in
+    :func:`_recompute_forward` (a summand is 0 where its weight ``exp`` is 0); jsd
+    shares its summands with ``ds``: ``q (log q - log m - K) = s - q K`` of the
+    summands ``s`` of ``K = sum q (log q - log m)``."""
+    t = dh.temperature
+    zs, us = z / t, u / t
+    ms, es = _max_exp(zs)
+    mt, et = _max_exp(us)
+    ss, st = jnp.sum(es, axis=-1), jnp.sum(et, axis=-1)
+    ls, lt = ms + jnp.log(ss), mt + jnp.log(st)
+    lq, lp = zs - ls[:, None], us - lt[:, None]
+    q = jnp.exp(lq)
+    if dh.divergence == "forward_kl":
+        a = jnp.sum(jnp.where(et > 0, et * (us - zs), 0.0), axis=-1)
+        div = a / st - lt + ls
+        ds = q - jnp.exp(lp)
+    elif dh.divergence == "reverse_kl":
+        a = jnp.sum(jnp.where(es > 0, es * (zs - us), 0.0), axis=-1)
+        div = a / ss - ls + lt
+        ds = jnp.where(q > 0, q * (lq - lp - div[:, None]), 0.0)
+    else:
+        lm = jnp.logaddexp(math.log(dh.beta) + lp, math.log1p(-dh.beta) + lq)
+        s = _xlogy_diff(q, lq, lm)
+        k = jnp.sum(s, axis=-1)
+        div = dh.beta * jnp.sum(_xlogy_diff(jnp.exp(lp), lp, lm), axis=-1) + (1 - dh.beta) * k
+        ds = (1 - dh.beta) * (s - q * k[:, None])
+    if not dh.hard:
+        return div, jnp.zeros_like(div), ds, None, None
+    l1 = ls if t == 1.0 else jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(z, lab[:, None], axis=-1)[:, 0]
+    return div, l1 - picked, ds, q if t == 1.0 else None, l1
+
+
+def _max_exp(a):
+    """Row maxima of ``a`` (0 for a row of -inf) and ``exp(a - max)``."""
+    m = jnp.max(a, axis=-1)
+    m = jnp.where(jnp.isneginf(m), 0.0, m)
+    return m, jnp.exp(a - m[:, None])
+
+
 def _gif_pass(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, plan: XlaPlan):
     """Token blocks over the whole vocabulary: losses and unit-cotangent gradients."""
     x, w, bias = student
@@ -173,14 +219,12 @@ def _gif_pass(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, p
         x_blk = jnp.where(take[:, None], sl(x), zero)
         u = _logits(sl(teacher.x), teacher.w, teacher.bias, dh.teacher_softcap, dh.teacher_vd, dt)
         raw = _logits(x_blk, w, bias, None, vd, dt)
-        lab = sl(labels)
-
-        def weighted(raw):
-            div, ce = row_losses(_ce_math.softcap(raw, dh.softcap), u, lab, dh)
-            total = jnp.where(take, sl(c_div) * div + sl(c_ce) * ce, 0.0)
-            return jnp.sum(total), (div, ce)
-
-        dl, (div, ce) = jax.grad(weighted, has_aux=True)(raw)
+        z = _ce_math.softcap(raw, dh.softcap)
+        lab = jnp.clip(sl(labels), 0, z.shape[1] - 1)
+        div, ce, ds, q1, l1 = _row_closed_form(z, u, lab, dh)
+        g_div, g_ce = jnp.where(take, sl(c_div), 0.0), jnp.where(take, sl(c_ce), 0.0)
+        cols = jnp.arange(z.shape[1], dtype=lab.dtype)
+        dl = _dz(z, ds, q1, lab, l1, g_div, g_ce, dh, cols)
         dl_c = dl.astype(x.dtype)
         put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
             buf, jnp.where(fresh.reshape((tn,) + (1,) * (new.ndim - 1)), new, sl(buf)), start, 0
@@ -418,10 +462,18 @@ def _dlogits(z, u, lab_ids, sc: _Scalars, g_div, g_ce, dh: Distill, cols):
     else:
         lm = jnp.logaddexp(math.log(dh.beta) + lp, math.log1p(-dh.beta) + lq)
         ds = (1 - dh.beta) * q * (lq - lm - sc.k[:, None])
-    dz = g_div[:, None] * ds / t
+    return _dz(z, ds, None, lab_ids, sc.l1, g_div, g_ce, dh, cols)
+
+
+def _dz(z, ds, q1, lab_ids, l1, g_div, g_ce, dh: Distill, cols):
+    """The raw student logits' gradient from ``ds`` (the divergence's gradient w.r.t.
+    ``z / T``) and, with hard labels, the softmax at temperature 1 (``q1``, formed here
+    when None)."""
+    dz = g_div[:, None] * ds / dh.temperature
     if dh.hard:
+        q1 = jnp.exp(z - l1[:, None]) if q1 is None else q1
         onehot = jnp.where(lab_ids[:, None] == cols[None, :], 1.0, 0.0)
-        dz = dz + g_ce[:, None] * (jnp.exp(z - sc.l1[:, None]) - onehot)
+        dz = dz + g_ce[:, None] * (q1 - onehot)
     return dz * _ce_math.softcap_grad(z, dh.softcap)
 
 
