@@ -259,7 +259,7 @@ class Console:
             cols = (progress.TextColumn("{task.description}"), progress.BarColumn(),
                     progress.MofNCompleteColumn(), progress.TimeElapsedColumn())  # fmt: skip
             self._bar: Any = progress.Progress(*cols, transient=True)
-            self._print = lambda *a: self._bar.console.print(*a, markup=False, highlight=False)
+            self._print = lambda line: self._bar.console.print(line, markup=False, soft_wrap=True)
             self._bar.start()
             self._task = self._bar.add_task("starting", total=total)
 
