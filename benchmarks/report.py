@@ -82,8 +82,7 @@ def compiled_table(records: Records) -> Table:
                 if r is None
                 else fmt_bytes(r["temp_bytes"]) + _f(r["temp_ratio"], ".2g", "x)", " (")
             )
-        short = "not installed" in r["reason"] or " only (" in r["reason"]
-        return r["reason"].split(" (")[0] if short else r["status"]
+        return r["reason"].split(" (")[0] if r["status"] == "skipped" else r["status"]
 
     cap = lambda r: f", softcap {r['softcap']:g}" if r["softcap"] else ""
     return _pivot(records, cell, lambda r: f"{r['case']} ({r['d']}x{r['v']}{cap(r)})")
