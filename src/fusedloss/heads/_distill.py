@@ -108,20 +108,33 @@ def _xlogy_diff(p, a, b):
     return jnp.where(p > 0, p * (a - b), 0.0)
 
 
+def _xlogy_diff_safe(p, a, b):
+    """:func:`_xlogy_diff` whose gradient is 0, not NaN, where ``p`` is 0: ``a`` and
+    ``b`` are replaced there before the difference (``-inf - -inf`` of a column of
+    probability 0 under both heads would otherwise reach the gradient as ``0 * NaN``)."""
+    pos = p > 0
+    return jnp.where(pos, p * (jnp.where(pos, a, 0.0) - jnp.where(pos, b, 0.0)), 0.0)
+
+
 def row_losses(z, u, labels, dh: Distill):
     """Per-row (divergence, cross-entropy) of whole rows of softcapped logits."""
     t = dh.temperature
     ls = jax.nn.log_softmax(z / t, axis=-1)
     lt = jax.nn.log_softmax(u / t, axis=-1)
     q, p = jnp.exp(ls), jnp.exp(lt)
+    xd = _xlogy_diff_safe  # differentiated by autodiff
     if dh.divergence == "forward_kl":
-        div = jnp.sum(_xlogy_diff(p, lt, ls), axis=-1)
+        div = jnp.sum(xd(p, lt, ls), axis=-1)
     elif dh.divergence == "reverse_kl":
-        div = jnp.sum(_xlogy_diff(q, ls, lt), axis=-1)
+        div = jnp.sum(xd(q, ls, lt), axis=-1)
     else:
-        lm = jnp.logaddexp(math.log(dh.beta) + lt, math.log1p(-dh.beta) + ls)
-        div = dh.beta * jnp.sum(_xlogy_diff(p, lt, lm), axis=-1) + (1 - dh.beta) * jnp.sum(
-            _xlogy_diff(q, ls, lm), axis=-1
+        # logaddexp(-inf, -inf) has a NaN gradient: the columns of probability 0 on
+        # both sides (whose summands are 0) take finite stand-ins.
+        some = (p > 0) | (q > 0)
+        safe = lambda a: jnp.where(some, a, 0.0)
+        lm = jnp.logaddexp(safe(math.log(dh.beta) + lt), safe(math.log1p(-dh.beta) + ls))
+        div = dh.beta * jnp.sum(xd(p, lt, lm), axis=-1) + (1 - dh.beta) * jnp.sum(
+            xd(q, ls, lm), axis=-1
         )
     if not dh.hard:
         return div, jnp.zeros_like(div)
