@@ -221,6 +221,92 @@ def test_grad_in_forward_columns_masked_on_both_heads(divergence):
     assert not np.any(gw[:, cut])
 
 
+# The whole first vocabulary chunk of SMALL (the running max stays -inf through it)
+# and single columns inside chunks, the last one in the clamped chunk.
+MASKED = np.r_[0:16, 20, 37, 52]
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize(
+    "impl,reduction,temperature",
+    [
+        ("reference", "mean", 1.5),
+        ("materialized", "none", 1.0),
+        ("grad_in_forward", "sum", 1.5),
+        ("recompute", "none", 1.5),
+        ("recompute", "mean", 1.0),
+    ],
+)
+def test_columns_masked_on_both_heads_are_removed(impl, reduction, temperature, divergence, hard):
+    """A -inf bias on the same columns of both heads: the losses, gradients (the masked
+    columns' dw and dbias are 0) and forward-mode tangents are those of the vocabulary
+    without those columns, finite, in float64."""
+    arr = make(19)
+    name, cfg = IMPLS[impl]
+    keep = np.setdiff1d(np.arange(V), MASKED)
+    lab = np.random.default_rng(20).integers(0, keep.size, size=LEAD).astype(np.int32)
+    shape = LEAD if reduction == "none" else ()
+    ct = np.random.default_rng(21).normal(size=shape)
+    kw = dict(divergence=divergence, beta=0.3, temperature=temperature, reduction=reduction,
+              hard_label_weight=0.4 if hard else 0.0, implementation=name, config=cfg)  # fmt: skip
+    with jax.enable_x64(True):
+        f64 = lambda a: jnp.asarray(a, jnp.float64)
+        x, w, b, xt, wt, tb = (f64(arr[k]) for k in ("x", "w", "bias", "xt", "wt", "teacher_bias"))
+        b, tb = b.at[MASKED].set(-jnp.inf), tb.at[MASKED].set(-jnp.inf)
+
+        def loss(cols, labels):
+            def f(x, w, b):
+                out = linear_distillation_loss(
+                    x, w, xt, wt[:, cols], bias=b, teacher_bias=tb[cols],
+                    labels=labels if hard else None, **kw,
+                )  # fmt: skip
+                return jnp.sum(out * ct)
+
+            return jax.jit(f)
+
+        masked, removed = loss(np.arange(V), keep[lab]), loss(keep, lab)
+        got, g = jax.value_and_grad(masked, (0, 1, 2))(x, w, b)
+        want, wg = jax.value_and_grad(removed, (0, 1, 2))(x, w[:, keep], b[keep])
+        assert np.isfinite(got) and all(np.isfinite(a).all() for a in g)
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+        for nm, a, wa in zip(["dx", "dw", "dbias"], g, wg, strict=True):
+            a = a if nm == "dx" else a[..., keep]
+            np.testing.assert_allclose(a, wa, rtol=1e-9, atol=1e-12, err_msg=nm)
+        assert not np.any(g[1][:, MASKED]) and not np.any(g[2][MASKED])
+        rng = np.random.default_rng(22)
+        t = tuple(f64(rng.normal(size=a.shape)) for a in (x, w, b))
+        got_t = jax.jvp(masked, (x, w, b), t)[1]
+        want_t = jax.jvp(removed, (x, w[:, keep], b[keep]), (t[0], t[1][:, keep], t[2][keep]))[1]
+        assert np.isfinite(got_t)
+        np.testing.assert_allclose(got_t, want_t, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["grad_in_forward", "recompute"])
+def test_columns_masked_on_one_head_match_the_row_losses(impl):
+    """A -inf bias on one head only: the chunked statistics agree with the whole rows,
+    0 where the masking head's weight is 0 and +inf where the other head has mass the
+    masking one lacks (forward_kl with the student masked, reverse_kl with the
+    teacher masked)."""
+    arr = make(23)
+    name, cfg = IMPLS[impl]
+    for side in ("bias", "teacher_bias"):
+        biases = dict(bias=arr["bias"].copy(), teacher_bias=arr["teacher_bias"].copy())
+        biases[side][MASKED] = -np.inf
+        for divergence in ("forward_kl", "reverse_kl", "jsd"):
+            kw = dict(divergence=divergence, temperature=1.5, reduction="sum", **biases)
+            f = lambda n, c, kw=kw: linear_distillation_loss(
+                arr["x"], arr["w"], arr["xt"], arr["wt"], implementation=n, config=c, **kw
+            )
+            got, want = f(name, cfg), f("reference", None)
+            infinite = (side, divergence) in {
+                ("bias", "forward_kl"),
+                ("teacher_bias", "reverse_kl"),
+            }
+            assert np.isposinf(want) == infinite, (side, divergence)
+            np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"{side} {divergence}")
+
+
 def test_equal_heads_give_zero_and_aux_terms():
     arr = make(13)
     x, w = arr["x"], arr["w"]

@@ -28,7 +28,8 @@ Three strategies, chosen by :func:`fusedloss.heads.xla.plan` as for the cross-en
     (the log-sum-exps, the divergence or its ``K``), the backward recomputes each
     block of both heads and applies the closed-form gradient. Any per-token
     cotangent. The vocabulary may be split over mesh ``axes`` (inside
-    ``shard_map``): only per-token scalars cross them.
+    ``shard_map``): only per-token scalars cross them. Masked columns (probability 0
+    on both heads) add nothing here either, whole chunks of them included.
 
 Both chunked strategies are ``custom_jvp`` rules whose tangents are linear maps
 (:mod:`fusedloss.heads._tangents`): evaluated, forward mode; transposed by JAX,
@@ -108,20 +109,33 @@ def _xlogy_diff(p, a, b):
     return jnp.where(p > 0, p * (a - b), 0.0)
 
 
+def _xlogy_diff_safe(p, a, b):
+    """:func:`_xlogy_diff` whose gradient is 0, not NaN, where ``p`` is 0: ``a`` and
+    ``b`` are replaced there before the difference (``-inf - -inf`` of a column of
+    probability 0 under both heads would otherwise reach the gradient as ``0 * NaN``)."""
+    pos = p > 0
+    return jnp.where(pos, p * (jnp.where(pos, a, 0.0) - jnp.where(pos, b, 0.0)), 0.0)
+
+
 def row_losses(z, u, labels, dh: Distill):
     """Per-row (divergence, cross-entropy) of whole rows of softcapped logits."""
     t = dh.temperature
     ls = jax.nn.log_softmax(z / t, axis=-1)
     lt = jax.nn.log_softmax(u / t, axis=-1)
     q, p = jnp.exp(ls), jnp.exp(lt)
+    xd = _xlogy_diff_safe  # differentiated by autodiff
     if dh.divergence == "forward_kl":
-        div = jnp.sum(_xlogy_diff(p, lt, ls), axis=-1)
+        div = jnp.sum(xd(p, lt, ls), axis=-1)
     elif dh.divergence == "reverse_kl":
-        div = jnp.sum(_xlogy_diff(q, ls, lt), axis=-1)
+        div = jnp.sum(xd(q, ls, lt), axis=-1)
     else:
-        lm = jnp.logaddexp(math.log(dh.beta) + lt, math.log1p(-dh.beta) + ls)
-        div = dh.beta * jnp.sum(_xlogy_diff(p, lt, lm), axis=-1) + (1 - dh.beta) * jnp.sum(
-            _xlogy_diff(q, ls, lm), axis=-1
+        # logaddexp(-inf, -inf) has a NaN gradient: the columns of probability 0 on
+        # both sides (whose summands are 0) take finite stand-ins.
+        some = (p > 0) | (q > 0)
+        safe = lambda a: jnp.where(some, a, 0.0)
+        lm = jnp.logaddexp(safe(math.log(dh.beta) + lt), safe(math.log1p(-dh.beta) + ls))
+        div = dh.beta * jnp.sum(xd(p, lt, lm), axis=-1) + (1 - dh.beta) * jnp.sum(
+            xd(q, ls, lm), axis=-1
         )
     if not dh.hard:
         return div, jnp.zeros_like(div)
@@ -354,6 +368,11 @@ def _online(m, acc, block, weights_of):
     )
 
 
+def _weighted(e, a):
+    """``e * a`` with ``0 * (anything) = 0`` for a weight ``e`` of 0."""
+    return jnp.where(e > 0, e * a, 0.0)
+
+
 def _rescale(m, sums, axes):
     """Per-token (max, sums) of vocabulary shards combined over ``axes``."""
     if not axes:
@@ -394,9 +413,11 @@ def _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes):
             z, u = _blocks(student, teacher, x_blk, xt_blk, vstart, vc, dh, dt)
             new = _columns(vstart, vnom, vc, offset, dh)[None, :]
             s, tt = jnp.where(new, z / t, -jnp.inf), jnp.where(new, u / t, -jnp.inf)
-            diff = jnp.where(new, s - tt, 0.0)
-            ms, (ss, a_s) = _online(ms, (ss, a_s), s, lambda e: (e, e * diff))
-            mt, (st, a_t) = _online(mt, (st, a_t), tt, lambda e: (e, -e * diff))
+            # A summand is 0 where its weight is 0: columns not counted, and those of
+            # probability 0 (-inf - -inf is NaN where both heads mask a column).
+            diff = s - tt
+            ms, (ss, a_s) = _online(ms, (ss, a_s), s, lambda e: (e, _weighted(e, diff)))
+            mt, (st, a_t) = _online(mt, (st, a_t), tt, lambda e: (e, _weighted(e, -diff)))
             if hard1:
                 m1, (s1,) = _online(m1, (s1,), jnp.where(new, z, -jnp.inf), lambda e: (e,))
             if dh.hard:
@@ -457,11 +478,11 @@ def _dlogits(z, u, lab_ids, sc: _Scalars, g_div, g_ce, dh: Distill, cols):
     q = jnp.exp(lq)
     if dh.divergence == "forward_kl":
         ds = q - jnp.exp(lp)
-    elif dh.divergence == "reverse_kl":
-        ds = q * (lq - lp - sc.k[:, None])
+    elif dh.divergence == "reverse_kl":  # 0 where q is 0 (lq - lp may be -inf - -inf)
+        ds = _weighted(q, lq - lp - sc.k[:, None])
     else:
         lm = jnp.logaddexp(math.log(dh.beta) + lp, math.log1p(-dh.beta) + lq)
-        ds = (1 - dh.beta) * q * (lq - lm - sc.k[:, None])
+        ds = (1 - dh.beta) * _weighted(q, lq - lm - sc.k[:, None])
     return _dz(z, ds, None, lab_ids, sc.l1, g_div, g_ce, dh, cols)
 
 
