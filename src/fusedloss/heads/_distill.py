@@ -395,10 +395,7 @@ class _Scalars(NamedTuple):
 
 
 def _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes):
-    n = student.x.shape[0]
-    v = student.w.shape[0 if dh.vd else 1]
-    tn, vc = min(plan.tn, n), min(plan.vc, v)
-    dt = _ce_math.acc_dtype(student.x.dtype)
+    n, _, v, tn, vc, dt = _sizes(student.x, student.w, plan, dh)
     t = dh.temperature
     ninf = jnp.full((n,), -jnp.inf, dt)
     zero = jnp.zeros((n,), dt)
@@ -471,40 +468,47 @@ def _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes):
     return jsd, ce, _Scalars(ls, lt, l1, k)
 
 
-def _dlogits(z, u, lab_ids, sc: _Scalars, g_div, g_ce, dh: Distill, cols):
-    """d(g_div . divergence + g_ce . ce) / d(raw student logits) of one block."""
+def _ds(z, u, sc: _Scalars, dh: Distill):
+    """The divergence's gradient w.r.t. ``z / T`` of one block, from the per-token scalars."""
     t = dh.temperature
     lq, lp = z / t - sc.ls[:, None], u / t - sc.lt[:, None]
     q = jnp.exp(lq)
     if dh.divergence == "forward_kl":
-        ds = q - jnp.exp(lp)
-    elif dh.divergence == "reverse_kl":  # 0 where q is 0 (lq - lp may be -inf - -inf)
-        ds = _weighted(q, lq - lp - sc.k[:, None])
-    else:
-        lm = jnp.logaddexp(math.log(dh.beta) + lp, math.log1p(-dh.beta) + lq)
-        ds = (1 - dh.beta) * _weighted(q, lq - lm - sc.k[:, None])
-    return _dz(z, ds, None, lab_ids, sc.l1, g_div, g_ce, dh, cols)
+        return q - jnp.exp(lp)
+    if dh.divergence == "reverse_kl":  # 0 where q is 0 (lq - lp may be -inf - -inf)
+        return _weighted(q, lq - lp - sc.k[:, None])
+    lm = jnp.logaddexp(math.log(dh.beta) + lp, math.log1p(-dh.beta) + lq)
+    return (1 - dh.beta) * _weighted(q, lq - lm - sc.k[:, None])
+
+
+def _dlogits(z, u, lab_ids, sc: _Scalars, g_div, g_ce, dh: Distill, cols):
+    """d(g_div . divergence + g_ce . ce) / d(raw student logits) of one block."""
+    return _dz(z, _ds(z, u, sc, dh), None, lab_ids, sc.l1, g_div, g_ce, dh, cols)
 
 
 def _dz(z, ds, q1, lab_ids, l1, g_div, g_ce, dh: Distill, cols):
     """The raw student logits' gradient from ``ds`` (the divergence's gradient w.r.t.
     ``z / T``) and, with hard labels, the softmax at temperature 1 (``q1``, formed here
-    when None)."""
-    dz = g_div[:, None] * ds / dh.temperature
-    if dh.hard:
+    when None); a term whose per-token weight (``g_div``, ``g_ce``) is None is left out."""
+    dz = 0.0 if g_div is None else g_div[:, None] * ds / dh.temperature
+    if dh.hard and g_ce is not None:
         q1 = jnp.exp(z - l1[:, None]) if q1 is None else q1
         onehot = jnp.where(lab_ids[:, None] == cols[None, :], 1.0, 0.0)
         dz = dz + g_ce[:, None] * (q1 - onehot)
     return dz * _ce_math.softcap_grad(z, dh.softcap)
 
 
+def _sizes(x, w, plan, dh: Distill):
+    """(tokens, ``w``'s vocabulary axis, vocabulary, token block, vocabulary chunk,
+    accumulation dtype) of a recompute pass."""
+    n, va = x.shape[0], 0 if dh.vd else 1
+    v = w.shape[va]
+    return n, va, v, min(plan.tn, n), min(plan.vc, v), _ce_math.acc_dtype(x.dtype)
+
+
 def _recompute_backward(student, teacher, labels, valid, offset, sc, g_div, g_ce, dh, plan):
     x, w, bias = student
-    n = x.shape[0]
-    va = 0 if dh.vd else 1
-    v = w.shape[va]
-    tn, vc = min(plan.tn, n), min(plan.vc, v)
-    dt = _ce_math.acc_dtype(x.dtype)
+    n, va, v, tn, vc, dt = _sizes(x, w, plan, dh)
     zero = jnp.zeros((), x.dtype)
     keep = lambda a: jnp.where(valid, a, 0.0)
     g_div, g_ce = keep(g_div), keep(g_ce)
@@ -594,12 +598,8 @@ def _recompute_apply(static, leaves, lin):
     lin = list(lin)
     tx, tw, tb = (lin.pop(0) if h else None for h in have)
     x, w, _ = student
-    n = x.shape[0]
-    va = 0 if dh.vd else 1
-    v = w.shape[va]
-    tn, vc = min(plan.tn, n), min(plan.vc, v)
-    dt = _ce_math.acc_dtype(x.dtype)
-    one, zero = jnp.ones((tn,), dt), jnp.zeros((tn,), dt)
+    n, va, v, tn, vc, dt = _sizes(x, w, plan, dh)
+    one = jnp.ones((tn,), dt)
     sc = _Scalars(*(jnp.where(valid, a, 0.0) for a in sc))
 
     def step(sl, fresh, carry):
@@ -623,10 +623,10 @@ def _recompute_apply(static, leaves, lin):
             if tb is not None:
                 dz = dz + _slice_bias(tb, vstart, vc).astype(dt)[None, :]
             dz = jnp.where(keep, dz, 0.0)
-            g_div = _dlogits(z, u, lab, scs, one, zero, dh, cols)
+            g_div = _dz(z, _ds(z, u, scs, dh), None, lab, scs.l1, one, None, dh, cols)
             t_div = t_div + jnp.sum(jnp.where(keep, g_div * dz, 0.0), axis=1)
-            if dh.hard:
-                g_ce = _dlogits(z, u, lab, scs, zero, one, dh, cols)
+            if dh.hard:  # the cross-entropy's term alone: the divergence's is not formed twice
+                g_ce = _dz(z, None, None, lab, scs.l1, None, one, dh, cols)
                 t_ce = t_ce + jnp.sum(jnp.where(keep, g_ce * dz, 0.0), axis=1)
             return t_div, t_ce
 
