@@ -177,3 +177,15 @@ def nan_if_bad_label(loss: Array, labels: Array, num_classes: int, valid: Array)
     """A label outside ``[0, V)`` on an included token makes its loss NaN (loud)."""
     bad = valid & ~label_in_range(labels, num_classes)
     return jnp.where(bad, jnp.nan, loss)
+
+
+def picked_in_chunk(block, local, new):
+    """``block``'s entries at the chunk-local ids ``local`` (``[n]`` or ``[n, K]``) by a
+    gather (a select-and-sum would write a block); 0 for ids outside the chunk or on a
+    column ``new`` does not mark (a clamped last chunk's repeated ones)."""
+    vc = block.shape[1]
+    here = (local >= 0) & (local < vc)
+    local = jnp.clip(local, 0, vc - 1)
+    idx = local if local.ndim == 2 else local[:, None]
+    picked = jnp.take_along_axis(block, idx, axis=1).reshape(local.shape)
+    return jnp.where(here & new[local], picked, 0.0)

@@ -58,10 +58,10 @@ from fusedloss.heads.xla import (
     _chunk_start,
     _dw_product,
     _dx_product,
+    _put_columns,
     _scale_in_place,
     _slice_bias,
     _stats_token_chunk,
-    _vocab_mask,
     _w_slice,
 )
 from fusedloss.heads.xla import plan as xla_plan
@@ -418,10 +418,7 @@ def _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes):
             if hard1:
                 m1, (s1,) = _online(m1, (s1,), jnp.where(new, z, -jnp.inf), lambda e: (e,))
             if dh.hard:
-                local = lab_ids - vstart
-                here = (local >= 0) & (local < vc) & (local + vstart >= vnom)
-                got = jnp.take_along_axis(z, jnp.clip(local, 0, vc - 1)[:, None], axis=1)[:, 0]
-                lab = lab + jnp.where(here, got, 0.0)
+                lab = lab + _ce_math.picked_in_chunk(z, lab_ids - vstart, new[0])
             return ms, ss, a_s, mt, st, a_t, m1, s1, lab
 
         return jax.lax.fori_loop(0, cdiv(v, vc), v_body, carry)
@@ -543,15 +540,7 @@ def _recompute_backward(student, teacher, labels, valid, offset, sc, g_div, g_ce
         w_blk = _w_slice(w, vstart, vc, va)
         acc0 = (jnp.zeros_like(w_blk, dtype=dt), None if bias is None else jnp.zeros((vc,), dt))
         dx, dw_acc, db_acc = jax.lax.fori_loop(0, cdiv(n, tn), t_body, (dx, *acc0))
-        old = _w_slice(dw, vstart, vc, va)
-        dw = jax.lax.dynamic_update_slice_in_dim(
-            dw, jnp.where(_vocab_mask(new, va), dw_acc.astype(w.dtype), old), vstart, va
-        )
-        if db is not None:
-            old_b = jax.lax.dynamic_slice_in_dim(db, vstart, vc)
-            db = jax.lax.dynamic_update_slice_in_dim(
-                db, jnp.where(new, db_acc.astype(db.dtype), old_b), vstart, 0
-            )
+        dw, db = _put_columns(dw, db, dw_acc, db_acc, vstart, new, va)
         return dx, dw, db
 
     init = (

@@ -273,14 +273,7 @@ def stats_tangents(x, w, bias, labels, valid, lse, expected, tx, tw, tb, hp, tn,
             old = [sl(c) for c in carry]
             d_lse, d_lab, d_sum, d_exp = old
             d_lse = d_lse + jnp.sum(p_ds, axis=1)
-            lab = sl(labels)
-            local = lab - vstart
-            here = (local >= 0) & (local < vc)
-            local = jnp.clip(local, 0, vc - 1)
-            here = here & col_new[local]
-            idx = local if local.ndim == 2 else local[:, None]
-            picked = jnp.take_along_axis(ds, idx, axis=1).reshape(local.shape)
-            d_lab = d_lab + jnp.where(here, picked, 0.0)
+            d_lab = d_lab + _ce_math.picked_in_chunk(ds, sl(labels) - vstart, col_new)
             if hp.need_sum:
                 d_sum = d_sum + jnp.sum(ds, axis=1)
             if expected is not None:

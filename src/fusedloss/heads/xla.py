@@ -258,14 +258,9 @@ def _stats_forward(x, w, bias, labels, valid, vocab_offset, hp: Hyper, tn: int, 
             m_new, l_new = _ce_math.lse_combine(
                 m, l, bm, jnp.sum(jnp.exp(s - jnp.where(jnp.isneginf(bm), 0.0, bm)[:, None]), 1)
             )
-            # The label's logit by a gather (a select-and-sum would write a block).
-            local = lab - vocab_offset - vstart
-            here = (local >= 0) & (local < vc)
-            local = jnp.clip(local, 0, vc - 1)
-            here = here & col_new[local]
-            idx = local if local.ndim == 2 else local[:, None]
-            picked = jnp.take_along_axis(s, idx, axis=1).reshape(local.shape)
-            lab_logit = lab_logit + jnp.where(here, picked, 0.0)
+            lab_logit = lab_logit + _ce_math.picked_in_chunk(
+                s, lab - vocab_offset - vstart, col_new
+            )
             if hp.need_sum:
                 ssum = ssum + jnp.sum(jnp.where(col_new[None, :], s, 0.0), axis=1)
             barg = jnp.argmax(s, axis=1).astype(jnp.int32) + vstart
@@ -362,19 +357,27 @@ def _stats_backward(x, w, bias, labels, valid, vocab_offset, lse, cts, hp, tn, v
         dw_acc0 = jnp.zeros_like(w_blk, dtype=f32)
         db_acc0 = None if b_blk is None else jnp.zeros_like(b_blk, dtype=f32)
         dx, dw_acc, db_acc = jax.lax.fori_loop(0, nt, t_body, (dx, dw_acc0, db_acc0))
-        old = _w_slice(dw, vstart, vc, va)
-        dw = jax.lax.dynamic_update_slice_in_dim(
-            dw, jnp.where(_vocab_mask(col_new, va), dw_acc.astype(w.dtype), old), vstart, va
-        )
-        if db is not None:
-            old_b = jax.lax.dynamic_slice_in_dim(db, vstart, vc)
-            db = jax.lax.dynamic_update_slice_in_dim(
-                db, jnp.where(col_new, db_acc.astype(db.dtype), old_b), vstart, 0
-            )
+        dw, db = _put_columns(dw, db, dw_acc, db_acc, vstart, col_new, va)
         return dx, dw, db
 
     dx, dw, db = jax.lax.fori_loop(0, nv, v_body, (dx0, dw0, db0))
     return dx.astype(x.dtype), dw, db
+
+
+def _put_columns(dw, db, dw_acc, db_acc, vstart, new, va: int):
+    """``dw``/``db`` with a vocabulary chunk's accumulated gradients written at ``vstart``
+    in the columns ``new`` marks (a clamped last chunk leaves the others as they are)."""
+    vc = new.shape[0]
+    old = _w_slice(dw, vstart, vc, va)
+    dw = jax.lax.dynamic_update_slice_in_dim(
+        dw, jnp.where(_vocab_mask(new, va), dw_acc.astype(dw.dtype), old), vstart, va
+    )
+    if db is not None:
+        old_b = jax.lax.dynamic_slice_in_dim(db, vstart, vc)
+        db = jax.lax.dynamic_update_slice_in_dim(
+            db, jnp.where(new, db_acc.astype(db.dtype), old_b), vstart, 0
+        )
+    return dw, db
 
 
 def _forward(x, w, bias, local_labels, hp: Hyper, plan: XlaPlan) -> TokenStats:
