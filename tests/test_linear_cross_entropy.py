@@ -240,6 +240,15 @@ def test_aux_outputs(impl, cfg):
     np.testing.assert_array_equal(aux.correct, kw["where"] & (logits.argmax(-1) == labels))
     assert int(aux.num_tokens) == int(kw["where"].sum())
     np.testing.assert_allclose(float(aux.weight_sum), kw["weights"][kw["where"]].sum(), rtol=1e-5)
+    label_logit = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+    np.testing.assert_allclose(
+        aux.label_logit, np.where(kw["where"], label_logit, 0.0), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(aux.predicted, np.where(kw["where"], logits.argmax(-1), -1))
+    assert aux.predicted.dtype == np.int32
+    np.testing.assert_allclose(
+        aux.token_weights, np.where(kw["where"], kw["weights"], 0.0), rtol=1e-6
+    )
     assert aux.implementation == impl
 
 

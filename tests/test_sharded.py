@@ -107,12 +107,20 @@ def oracle(
         "loss": per if reduction == "none" else per.sum(),
         "lse": np.where(valid, lse, 0.0),
         "correct": valid & (zc.argmax(-1) == y),
+        "label_logit": np.where(valid, zy, 0.0),
+        "predicted": np.where(valid, zc.argmax(-1), -1),
+        "token_weights": wts,
         "num_tokens": valid.sum(),
         "weight_sum": wsum,
         "dx": dx,
         "dw": xs.reshape(-1, xs.shape[-1]).T @ dz.reshape(-1, v),
         "dbias": dz.reshape(-1, v).sum(0),
     }
+
+
+AUX_NAMES = (
+    "lse", "correct", "num_tokens", "weight_sum", "label_logit", "predicted", "token_weights"
+)  # fmt: skip
 
 
 def assert_close(got, want, dtype, name=""):
@@ -137,7 +145,7 @@ def assert_matches(out, want, dtype, *, aux=True, bias=True):
     for name, g in zip(names, grads, strict=True):
         assert_close(g, want[name], dtype, name)
     if aux:
-        for name, a in zip(("lse", "correct", "num_tokens", "weight_sum"), arrays, strict=True):
+        for name, a in zip(AUX_NAMES, arrays, strict=True):
             assert_close(a, want[name], dtype, name)
 
 
@@ -224,7 +232,7 @@ def evaluate(lce, data, spec):
         out = lce(x, w, data["labels"], bias=b[0] if b else None, return_aux=spec["aux"], **kw)
         loss, aux = out if spec["aux"] else (out, None)
         value = jnp.sum(loss * data["r"]) if spec["reduction"] == "none" else loss
-        arrays = None if aux is None else (aux.lse, aux.correct, aux.num_tokens, aux.weight_sum)
+        arrays = None if aux is None else tuple(getattr(aux, n) for n in AUX_NAMES)
         return value, (loss, arrays)
 
     (_, out), grads = jax.value_and_grad(objective, tuple(range(len(args))), has_aux=True)(*args)
@@ -528,6 +536,9 @@ def test_one_by_one_mesh_equals_unsharded():
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got_aux.lse, want_aux.lse, rtol=1e-5)
     np.testing.assert_array_equal(got_aux.correct, want_aux.correct)
+    np.testing.assert_allclose(got_aux.label_logit, want_aux.label_logit, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got_aux.predicted, want_aux.predicted)
+    np.testing.assert_array_equal(got_aux.token_weights, want_aux.token_weights)
     assert int(got_aux.num_tokens) == int(want_aux.num_tokens) == 8
 
 

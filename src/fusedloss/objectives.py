@@ -31,7 +31,6 @@ import jax.numpy as jnp
 from fusedloss import _ce_math, _checks
 from fusedloss._softmax_ce import softmax_cross_entropy_with_integer_labels
 from fusedloss.heads.cross_entropy import linear_cross_entropy
-from fusedloss.heads.transposed import Transposed
 
 Params = Any
 Batch = Mapping[str, Any]
@@ -205,6 +204,22 @@ def _batch_mask_and_weights(
     return mask, weights
 
 
+def _check_objective(reduction: str, apply_fn) -> None:
+    _check_objective_reduction(reduction)
+    if not callable(apply_fn):
+        raise TypeError(f"`apply_fn` must be callable, got {apply_fn!r}.")
+
+
+def _model_output(out: jax.Array, ids: jax.Array, what: str) -> jax.Array:
+    """``apply_fn``'s output, checked to be ``[*ids.shape, features]``."""
+    if out.ndim != ids.ndim + 1 or out.shape[:-1] != ids.shape:
+        raise ValueError(
+            f"`apply_fn` must return {what} [..., F] with [...] = {ids.shape} (the shape of "
+            f"the batch's ids), got {out.shape}."
+        )
+    return out
+
+
 def _token_weights(
     shape: tuple[int, ...],
     mask: jax.Array | None,
@@ -303,9 +318,7 @@ def causal_lm_objective(
       >>> updates, opt_state = opt.update(grads, opt.init(params), params)
       >>> params = optax.apply_updates(params, updates)
     """
-    _check_objective_reduction(reduction)
-    if not callable(apply_fn):
-        raise TypeError(f"`apply_fn` must be callable, got {apply_fn!r}.")
+    _check_objective(reduction, apply_fn)
     if not callable(head):
         raise TypeError(
             f"`head` must be a callable params -> [D, V] kernel (e.g. `lambda p: "
@@ -322,21 +335,13 @@ def causal_lm_objective(
                 f"`batch['tokens']` must have shape [..., T] with T >= 2, got {tokens.shape}."
             )
         mask, weights = _batch_mask_and_weights(batch, tokens.shape, "the shape of the tokens")
-        hidden = apply_fn(params, tokens, *args, **kwargs)
-        if hidden.ndim != tokens.ndim + 1 or hidden.shape[:-1] != tokens.shape:
-            raise ValueError(
-                f"`apply_fn` must return hidden states [..., T, D] with [..., T] = "
-                f"tokens.shape = {tokens.shape}, got {hidden.shape}."
-            )
-        kernel = head(params)
-        bias = None if head_bias is None else head_bias(params)
+        hidden = _model_output(apply_fn(params, tokens, *args, **kwargs), tokens, "hidden states")
         # int32 targets: uint8/int16 ids must not meet ignore_index=-100 in their own dtype.
-        ids = tokens.astype(jnp.int32)
         total, lce = linear_cross_entropy(
             hidden,
-            kernel,
-            ids,
-            bias=bias,
+            head(params),
+            tokens.astype(jnp.int32),
+            bias=None if head_bias is None else head_bias(params),
             where=mask,
             weights=weights,
             ignore_index=ignore_index,
@@ -350,44 +355,15 @@ def causal_lm_objective(
             config=config,
         )
 
-        # Statistics over the targets (tokens 1..T-1), all constants for the gradient.
-        labels = ids[..., 1:]
-        tw = _token_weights(
-            labels.shape,
-            None if mask is None else mask[..., 1:],
-            None if weights is None else weights[..., 1:],
-            labels,
-            ignore_index,
-            # The accumulation dtype of the per-token statistics they multiply.
-            _ce_math.acc_dtype(hidden.dtype),
-        )
-        # Excluded tokens (padding) may carry any hidden state: never read their lse.
-        lse = jnp.where(tw != 0, lce.lse, 0.0)
-        lse_sum = jnp.sum(tw * lse)
-        lse_sq_sum = jnp.sum(tw * lse * lse)
-        if label_smoothing == 0:
-            # The objective is then exactly nll + z_loss * lse**2 per token.
-            nll_sum = _sg(total) - z_loss * lse_sq_sum
-        else:
-            # Smoothing mixes in every logit; the nll needs the label's own logit,
-            # one [tokens, D] gather and a row-wise dot (no [tokens, V] buffer).
-            safe = jnp.where(tw != 0, labels, 0)
-            if isinstance(kernel, Transposed):  # rows of the stored [V, D] embedding
-                cols = jnp.take(_sg(kernel.array), safe, axis=0)
-            else:
-                cols = jnp.moveaxis(jnp.take(_sg(kernel), safe, axis=1), 0, -1)
-            acc = _ce_math.acc_dtype(hidden.dtype)
-            logit = jnp.sum(_sg(hidden[..., :-1, :]).astype(acc) * cols.astype(acc), axis=-1)
-            if bias is not None:
-                logit = logit + _sg(bias).astype(acc)[safe]
-            logit = _ce_math.softcap(logit, logit_softcap)
-            nll_sum = jnp.sum(tw * jnp.where(tw != 0, lse - logit, 0.0))
+        # Statistics over the targets, all constants for the gradient, from the aux:
+        # the nll is lse - label logit whatever the smoothing and z-loss.
+        tw, lse = lce.token_weights, lce.lse
         aux = CausalLMAux(
             loss_sum=_sg(total),
-            nll_sum=nll_sum.astype(jnp.float32),
+            nll_sum=jnp.sum(tw * (lse - lce.label_logit)),
             correct_sum=jnp.sum(jnp.where(lce.correct, tw, 0.0)),
-            lse_sum=lse_sum,
-            lse_sq_sum=lse_sq_sum,
+            lse_sum=jnp.sum(tw * lse),
+            lse_sq_sum=jnp.sum(tw * lse * lse),
             num_tokens=lce.num_tokens,
             weight_sum=lce.weight_sum,
             reduction=reduction,
@@ -443,21 +419,14 @@ def classification_objective(
       >>> int(aux.num_examples)
       2
     """
-    _check_objective_reduction(reduction)
-    if not callable(apply_fn):
-        raise TypeError(f"`apply_fn` must be callable, got {apply_fn!r}.")
+    _check_objective(reduction, apply_fn)
 
     def loss_fn(params: Params, batch: Batch, *args: Any, **kwargs: Any):
         inputs = _batch_entry(batch, "inputs", "the model input")
         labels = _batch_entry(batch, "labels", "integer class ids [...]")
         _checks.check_integer("batch['labels']", labels)
         mask, weights = _batch_mask_and_weights(batch, labels.shape, "the shape of the labels")
-        logits = apply_fn(params, inputs, *args, **kwargs)
-        if logits.ndim != labels.ndim + 1 or logits.shape[:-1] != labels.shape:
-            raise ValueError(
-                f"`apply_fn` must return logits [..., C] with [...] = labels.shape = "
-                f"{labels.shape}, got {logits.shape}."
-            )
+        logits = _model_output(apply_fn(params, inputs, *args, **kwargs), labels, "logits")
         per_example = loss(logits, labels)
         _checks.check_shape("loss(logits, labels)", per_example, labels.shape, "labels.shape")
         per_example = per_example.astype(_ce_math.acc_dtype(per_example.dtype))

@@ -25,6 +25,13 @@ class LinearCrossEntropyAux:
         for plain CE, and ``lse`` is what z-loss penalizes.
       correct: bool, the argmax of the logits equals the label (False for excluded
         tokens); ``correct.sum() / num_tokens`` is the accuracy.
+      label_logit: float32 (softcapped) logit of each token's label (0 for excluded
+        tokens): ``lse - label_logit`` is the token's negative log-likelihood, also
+        with label smoothing and z-loss.
+      predicted: int32 argmax id of each token's logits (the first of ties), -1 for
+        excluded tokens.
+      token_weights: float32 weight of each token in the reduction (its ``weights``
+        entry, or 1), 0 for excluded tokens; ``weight_sum`` is their sum.
       num_tokens: int32 scalar, the number of included tokens (``where`` and
         ``ignore_index`` applied); with ``reduction="sum"`` it lets gradient
         accumulation normalize by the global token count.
@@ -39,13 +46,17 @@ class LinearCrossEntropyAux:
     correct: jax.Array
     num_tokens: jax.Array
     weight_sum: jax.Array
+    label_logit: jax.Array
+    predicted: jax.Array
+    token_weights: jax.Array
     implementation: str = dataclasses.field(default="", metadata={"static": True})
 
 
 def _empty(tokens: Tokens, per_token: bool) -> HeadOutput:
     f32 = tokens.coef.dtype
     zeros = jnp.zeros((0,), f32)
-    return HeadOutput(zeros if per_token else jnp.zeros((), f32), zeros, jnp.zeros((0,), bool))
+    ids = jnp.zeros((0,), jnp.int32)
+    return HeadOutput(zeros if per_token else jnp.zeros((), f32), zeros, zeros, ids)
 
 
 def local_cross_entropy(
@@ -96,11 +107,15 @@ def finish(
         loss = psum_over(out.loss, data_axes)
     if not return_aux:
         return loss
+    shaped = lambda a: a.reshape(tokens.shape)
     aux = LinearCrossEntropyAux(
-        lse=out.lse.reshape(tokens.shape),
-        correct=out.correct.reshape(tokens.shape),
+        lse=shaped(out.lse),
+        correct=shaped((out.predicted == tokens.labels) & tokens.valid),
         num_tokens=tokens.num_tokens,
         weight_sum=tokens.weight_sum,
+        label_logit=shaped(out.label_logit),
+        predicted=shaped(out.predicted),
+        token_weights=shaped(tokens.weights),
         implementation=implementation,
     )
     return loss, aux

@@ -76,9 +76,23 @@ class Problem(NamedTuple):
 
 
 class HeadOutput(NamedTuple):
+    """A cross-entropy head's loss and its per-token side outputs (constants, 0 or
+    -1 on excluded tokens)."""
+
     loss: jax.Array  # [N] coef-weighted per-token loss, or the scalar sum of it
     lse: jax.Array  # [N]
-    correct: jax.Array  # [N] bool
+    label_logit: jax.Array  # [N] the label's (softcapped) logit
+    predicted: jax.Array  # [N] int32 argmax id, -1 where excluded
+
+
+def side_outputs(valid, lse, label_logit, argmax) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The per-token side outputs of a head: constants, 0 (ids: -1) where excluded."""
+    sg = jax.lax.stop_gradient
+    return (
+        sg(jnp.where(valid, lse, 0.0)),
+        sg(jnp.where(valid, label_logit, 0.0)),
+        jnp.where(valid, argmax, -1).astype(jnp.int32),
+    )
 
 
 def cross_entropy_from_stats(
@@ -101,12 +115,8 @@ def cross_entropy_from_stats(
     )
     loss = jnp.where(valid, loss * coef, 0.0)
     loss = _ce_math.nan_if_bad_label(loss, labels, num_classes, valid)
-    correct = valid & (stats.argmax == labels)
-    return HeadOutput(
-        loss if per_token else jnp.sum(loss),
-        jax.lax.stop_gradient(jnp.where(valid, stats.lse, 0.0)),
-        correct,
-    )
+    side = side_outputs(valid, stats.lse, stats.label_logit, stats.argmax)
+    return HeadOutput(loss if per_token else jnp.sum(loss), *side)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -129,6 +129,7 @@ class Tokens(NamedTuple):
     weight_sum: jax.Array  # scalar, over the data axes
     num_tokens: jax.Array  # int32 scalar, over the data axes
     shape: tuple[int, ...]  # the (shifted) token shape
+    weights: jax.Array | None = None  # [N] the token's weight, 0 if excluded (a constant)
 
 
 def psum_over(v, axes: tuple[str, ...]):
@@ -186,4 +187,5 @@ def prepare_tokens(
     else:
         coef = wts
     num_tokens = psum_over(jnp.sum(valid, dtype=jnp.int32), data_axes)
-    return Tokens(x2, lab, valid, coef, jax.lax.stop_gradient(weight_sum), num_tokens, shape)
+    weight_sum = jax.lax.stop_gradient(weight_sum)
+    return Tokens(x2, lab, valid, coef, weight_sum, num_tokens, shape, wts)

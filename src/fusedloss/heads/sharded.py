@@ -371,7 +371,14 @@ def cross_entropy_head(
         if not return_aux:
             return loss_spec
         aux = LinearCrossEntropyAux(
-            lse=tok, correct=tok, num_tokens=P(), weight_sum=P(), implementation=implementation
+            lse=tok,
+            correct=tok,
+            num_tokens=P(),
+            weight_sum=P(),
+            label_logit=tok,
+            predicted=tok,
+            token_weights=tok,
+            implementation=implementation,
         )
         return loss_spec, aux
 

@@ -46,6 +46,7 @@ from fusedloss.heads._engine import (
     cross_entropy_from_stats,
     make_stats_core,
     round_down,
+    side_outputs,
 )
 from fusedloss.heads._targets import Target
 from fusedloss.heads.reference import materialized_stats
@@ -454,6 +455,7 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: 
     init = (
         jnp.zeros((n,), f32),  # per-token weighted loss
         jnp.zeros((n,), f32),  # lse
+        jnp.zeros((n,), f32),  # label logit
         jnp.zeros((n,), jnp.int32),  # argmax
         jnp.zeros((n, d), x.dtype),  # dx
         jnp.zeros(w.shape, f32),  # dw accumulator (stored orientation)
@@ -461,7 +463,7 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: 
     )
 
     def t_body(i, carry):
-        loss_c, lse_c, arg_c, dx, dw, db = carry
+        loss_c, lse_c, lab_c, arg_c, dx, dw, db = carry
         tstart, tnom = _chunk_start(i, tn, n)
         sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=tstart, slice_size=tn)
         rows_new = (tstart + jnp.arange(tn)) >= tnom
@@ -504,12 +506,13 @@ def _gif_pass(x, w, bias, labels, valid, coef, hp: Hyper, tn: int, vc: int, va: 
         )
         loss_c = upd(loss_c, jnp.where(val, loss, 0.0))
         lse_c = upd(lse_c, lse)
+        lab_c = upd(lab_c, lab_logit)
         arg_c = upd(arg_c, jnp.argmax(s, axis=1).astype(jnp.int32))
         dx = upd(dx, dx_blk.astype(x.dtype))
         dw = _accumulate_columns(dw, x_blk, dl_c, vc, va)
         if db is not None:
             db = db + jnp.sum(dl, axis=0)
-        return loss_c, lse_c, arg_c, dx, dw, db
+        return loss_c, lse_c, lab_c, arg_c, dx, dw, db
 
     return jax.lax.fori_loop(0, nt, t_body, init)
 
@@ -520,17 +523,17 @@ def _gif_loss(x, w, bias, labels, valid, coef, hp: Hyper, plan: XlaPlan):
     stats = _forward(x, w, bias, labels, hp, plan._replace(tn=_stats_token_chunk(x.shape[0])))
     v = w.shape[0] if plan.w_vd else w.shape[1]
     out = cross_entropy_from_stats(stats, labels, valid, coef, hp, v, False)
-    return out.loss, out.lse, stats.argmax
+    return out.loss, stats.lse, stats.label_logit, stats.argmax
 
 
 def _gif_fwd(x, w, bias, labels, valid, coef, hp, plan):
     va = 0 if plan.w_vd else 1
-    loss, lse, arg, dx, dw, db = _gif_pass(
+    loss, lse, lab, arg, dx, dw, db = _gif_pass(
         x, w, bias, labels, valid, coef, hp, plan.tn, plan.vc_acc, va
     )
     loss = _ce_math.nan_if_bad_label(loss, labels, w.shape[va], valid)
     total = jnp.sum(jnp.where(valid, loss * coef, 0.0))
-    return (total, lse, arg), (loss, dx, dw, db)
+    return (total, lse, lab, arg), (loss, dx, dw, db)
 
 
 def _gif_jvp(hp, plan, primals, tangents):
@@ -538,7 +541,7 @@ def _gif_jvp(hp, plan, primals, tangents):
     gradients the forward pass formed; transposed (reverse mode), it scales them."""
     w, bias = primals[1], primals[2]
     gif_fwd = functools.partial(_gif_fwd, hp=hp, plan=plan)
-    (total, lse, arg), (loss, dx, dw, db) = _tangents.known_call(gif_fwd, *primals)
+    (total, *side), (loss, dx, dw, db) = _tangents.known_call(gif_fwd, *primals)
     tx, tw, tb, _, _, tcoef = tangents
     have = tuple(_tangents.present(t) for t in (tx, tw, tb, tcoef))
     if any(have):
@@ -550,7 +553,7 @@ def _gif_jvp(hp, plan, primals, tangents):
     else:
         t_total = _tangents.zero_tangent(total)
     zero = _tangents.zero_tangent
-    return (total, lse, arg), (t_total, zero(lse), zero(arg))
+    return (total, *side), (t_total, *map(zero, side))
 
 
 def _gif_apply(static, res, lin):
@@ -621,6 +624,5 @@ _gif_loss.defjvp(_gif_jvp, symbolic_zeros=True)
 def gif_cross_entropy(x, w, bias, labels, valid, coef, hp: Hyper, plan: XlaPlan) -> HeadOutput:
     """The reduced cross-entropy with its gradients formed in the forward pass."""
     with jax.named_scope("fusedloss_xla_grad_in_forward"):
-        loss, lse, arg = _gif_loss(x, w, bias, labels, valid, coef, hp, plan)
-    correct = valid & (arg == labels)
-    return HeadOutput(loss, jax.lax.stop_gradient(jnp.where(valid, lse, 0.0)), correct)
+        loss, lse, label_logit, arg = _gif_loss(x, w, bias, labels, valid, coef, hp, plan)
+    return HeadOutput(loss, *side_outputs(valid, lse, label_logit, arg))
