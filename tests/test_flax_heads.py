@@ -288,12 +288,76 @@ def test_import_fusedloss_imports_neither_flax_nor_optax():
     assert out.stdout.strip() == "[]"
 
 
+# ---- output layers of the Flax LM implementations post-training libraries ship -------
+
+
+class Embedder(nnx.Module):
+    """Gemma's tied output layer: ``decode(h) = h @ input_embedding.T``."""
+
+    def __init__(self, vocab: int, d: int, rngs: nnx.Rngs):
+        self.input_embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, d)) / 4)
+
+    def decode(self, h):
+        return h @ self.input_embedding[...].T
+
+
+class Einsum(nnx.Module):
+    """A Llama / Qwen head: ``jnp.einsum(einsum_str, h, w)``."""
+
+    def __init__(self, einsum_str: str, shape: tuple[int, int], rngs: nnx.Rngs):
+        self.einsum_str = einsum_str
+        self.w = nnx.Param(jax.random.normal(rngs.params(), shape) / 4)
+
+    def __call__(self, h):
+        return jnp.einsum(self.einsum_str, h, self.w[...])
+
+
+@pytest.mark.parametrize(
+    ("kind", "softcap"), [("embedder", 5.0), ("einsum_dv", None), ("einsum_vd", 3.0)]
+)
+def test_post_training_model_heads(kind, softcap):
+    """Gemma's Embedder with Gemma-2's final softcap, and Einsum heads in both layouts:
+    the fused loss and the layer's gradient equal the materialized ones."""
+    vocab, d = 131, 12
+    rngs = nnx.Rngs(3)
+    layer = {
+        "embedder": lambda: Embedder(vocab, d, rngs),
+        "einsum_dv": lambda: Einsum("BTD,DV->BTV", (d, vocab), rngs),
+        "einsum_vd": lambda: Einsum("BTD,VD->BTV", (vocab, d), rngs),
+    }[kind]()
+    h = jax.random.normal(jax.random.key(4), (3, 5, d))
+    _, labels = batch(vocab, shape=(3, 5))
+
+    def fused(layer):
+        w, bias = head_weights(layer)
+        return fusedloss.linear_cross_entropy(h, w, labels, bias=bias, logit_softcap=softcap)
+
+    def materialized(layer):
+        z = layer.decode(h) if kind == "embedder" else layer(h)
+        return ce(z if softcap is None else softcap * jnp.tanh(z / softcap), labels)
+
+    w, _ = head_weights(layer)
+    assert isinstance(w, fusedloss.Transposed) == (kind != "einsum_dv")
+    loss, grads = nnx.value_and_grad(fused)(layer)
+    want, want_grads = nnx.value_and_grad(materialized)(layer)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    assert_trees_close(grads, want_grads)
+    # The same parameters as a linen-style params subtree (an Embedder's).
+    if kind == "embedder":
+        w2, _ = head_weights({"input_embedding": layer.input_embedding[...]})
+        assert isinstance(w2, fusedloss.Transposed) and w2.shape == (d, vocab)
+
+
 # ---- errors --------------------------------------------------------------------------
 
 
 def test_unsupported_layers_are_refused():
     with pytest.raises(TypeError, match=r"nnx.Linear, an nnx.Embed.*got LayerNorm"):
         head_weights(nnx.LayerNorm(8, rngs=nnx.Rngs(0)))
+    rngs = nnx.Rngs(0)
+    for spec in ("BTD,DV->BTD", "BTD,DK->BTK,X", "BTH,DV->BTV", "BTD,DD->BTD"):
+        with pytest.raises(TypeError, match=r"einsum_str` like 'BTD,DV->BTV'.*got '"):
+            head_weights(Einsum(spec, (8, 8), rngs))
     with pytest.raises(TypeError, match=r"keys \{'kernel'\}.*got \['scale'\]"):
         head_weights({"scale": jnp.ones(8)})
     with pytest.raises(TypeError, match=r"got \['bias', 'embedding'\]"):

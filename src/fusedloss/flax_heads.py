@@ -3,7 +3,10 @@
 A Flax language model ends in an output layer that turns ``[..., D]`` hidden states
 into ``[..., V]`` logits: an ``nnx.Linear`` / ``nn.Dense`` (kernel ``[D, V]``, with
 or without bias) or, with tied embeddings, the input embedding's ``attend``
-(``logits = h @ embedding.T``, embedding ``[V, D]``). To train with a fused head,
+(``logits = h @ embedding.T``, embedding ``[V, D]``), or, in the Gemma / Llama /
+Qwen implementations that post-training libraries ship (e.g. Tunix's), an
+``Embedder`` whose ``decode`` attends to its ``input_embedding`` (``[V, D]``) and an
+``Einsum`` head ``jnp.einsum("BTD,DV->BTV", h, w)``. To train with a fused head,
 call the model up to its hidden states and hand the output layer's parameters to the
 head instead of calling the layer::
 
@@ -46,9 +49,17 @@ def head_weights(layer: Any, *, dtype: Any = None) -> tuple[jax.Array | Transpos
         - an ``nnx.Linear`` (kernel ``[D, V]``, bias ``[V]`` or ``use_bias=False``);
         - an ``nnx.Embed`` used as tied output layer through ``attend``
           (embedding ``[V, D]``);
+        - an ``Embedder``-style module (Gemma's) with an ``input_embedding``
+          parameter ``[V, D]`` that its ``decode`` attends to (tied); Gemma-2's
+          final logit softcap is the model config's ``final_logit_softcap``: pass it
+          to the head as ``logit_softcap``;
+        - an ``Einsum``-style module with an ``einsum_str`` that contracts the last
+          axis of the hidden states with a 2-D parameter ``w``: ``"...D,DV->...V"``
+          (``w`` is ``[D, V]``) or ``"...D,VD->...V"`` (``w`` is ``[V, D]``);
         - a linen params subtree: ``{"kernel": [D, V]}`` with an optional
           ``"bias": [V]`` (an ``nn.Dense``) or ``{"embedding": [V, D]}`` (an
-          ``nn.Embed`` used through ``attend``), e.g. ``params["params"]["lm_head"]``.
+          ``nn.Embed`` used through ``attend``), e.g. ``params["params"]["lm_head"]``;
+          ``{"input_embedding": [V, D]}`` (an ``Embedder``'s params).
       dtype: if given, the parameters are cast to it (the fused heads need ``w`` in
         ``x``'s dtype, e.g. ``dtype=jnp.bfloat16`` for bf16 activations and float32
         parameters). Default: the layer's ``dtype`` attribute for nnx layers (the
@@ -91,9 +102,35 @@ def head_weights(layer: Any, *, dtype: Any = None) -> tuple[jax.Array | Transpos
     if isinstance(layer, nnx.Embed):
         dtype = layer.dtype if dtype is None else dtype
         return Transposed(_cast(layer.embedding[...], dtype)), None
+    if isinstance(layer, nnx.Module) and isinstance(
+        getattr(layer, "input_embedding", None), nnx.Variable
+    ):
+        return Transposed(_cast(layer.input_embedding[...], dtype)), None
+    if isinstance(layer, nnx.Module) and isinstance(getattr(layer, "w", None), nnx.Variable):
+        w = layer.w[...]
+        vd = _einsum_layout(getattr(layer, "einsum_str", None), w.ndim)
+        return (Transposed(_cast(w, dtype)) if vd else _cast(w, dtype)), None
     raise TypeError(
-        "`layer` must be an nnx.Linear, an nnx.Embed, or a linen params subtree "
-        f"({{'kernel', optionally 'bias'}} or {{'embedding'}}), got {type(layer).__name__}."
+        "`layer` must be an nnx.Linear, an nnx.Embed, an Embedder-style module (an "
+        "`input_embedding` parameter), an Einsum-style module (`w` and `einsum_str`), or a "
+        "linen params subtree ({'kernel', optionally 'bias'}, {'embedding'} or "
+        f"{{'input_embedding'}}), got {type(layer).__name__}."
+    )
+
+
+def _einsum_layout(spec: Any, w_ndim: int) -> bool:
+    """Whether an Einsum head's ``w`` is stored ``[V, D]`` (else ``[D, V]``); raises for
+    an ``einsum_str`` that is not a linear head on the hidden states' last axis."""
+    parts = spec.replace(" ", "").replace("->", ",").split(",") if isinstance(spec, str) else []
+    if len(parts) == 3 and w_ndim == 2 and len(parts[1]) == 2:
+        h, (a, b), out = parts
+        if h and out == h[:-1] + b and h[-1] == a and a != b:
+            return False  # "...D,DV->...V"
+        if h and out == h[:-1] + a and h[-1] == b and a != b:
+            return True  # "...D,VD->...V"
+    raise TypeError(
+        "an Einsum-style head must have a 2-D `w` and an `einsum_str` like 'BTD,DV->BTV' "
+        f"(w [D, V]) or 'BTD,VD->BTV' (w [V, D]), got {spec!r} with w of rank {w_ndim}."
     )
 
 
@@ -102,10 +139,11 @@ def _from_linen_params(params: Mapping, dtype: Any) -> tuple[jax.Array | Transpo
     if keys in ({"kernel"}, {"kernel", "bias"}):
         bias = params.get("bias")
         return _cast(params["kernel"], dtype), None if bias is None else _cast(bias, dtype)
-    if keys == {"embedding"}:
-        return Transposed(_cast(params["embedding"], dtype)), None
+    if keys in ({"embedding"}, {"input_embedding"}):
+        return Transposed(_cast(params[keys.pop()], dtype)), None
     raise TypeError(
         "a linen params subtree must have the keys {'kernel'} or {'kernel', 'bias'} (an "
-        "nn.Dense) or {'embedding'} (an nn.Embed used through `attend`), got "
+        "nn.Dense), {'embedding'} (an nn.Embed used through `attend`) or "
+        "{'input_embedding'} (an Embedder), got "
         f"{sorted(keys)}; pass the output layer's subtree, e.g. params['params']['lm_head']."
     )
