@@ -7,9 +7,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fusedloss import _ce_math
 from fusedloss.heads import xla
-from fusedloss.heads._engine import HeadOutput, Hyper, Problem, cross_entropy_from_stats
-from fusedloss.heads._registry import Choice, dispatch
+from fusedloss.heads._engine import (
+    HeadOutput,
+    Hyper,
+    Problem,
+    cross_entropy_from_stats,
+    side_outputs,
+)
+from fusedloss.heads._registry import Choice, dispatch, run_stats
 from fusedloss.heads._tokens import Tokens, psum_over
 
 
@@ -88,6 +95,87 @@ def local_cross_entropy(
         )
 
     return dispatch(implementation, config, problem, run, tokens.x, w)
+
+
+def reweighted_cross_entropy(
+    tokens: Tokens,
+    w,
+    w_vd: bool,
+    bias,
+    hp: Hyper,
+    class_weights: jax.Array | None,
+    token_scaling: bool,
+    *,
+    per_token: bool,
+    mean: bool,
+    implementation,
+    config,
+) -> tuple[HeadOutput, str]:
+    """Cross-entropy with class weights (PyTorch's semantics) and/or each token's loss
+    scaled by its own detached label probability (DFT), on the engine's statistics.
+
+    With class weights ``c`` and smoothing ``a``, a token's loss is
+    ``c_y (1 - a) (lse - s_y) + (a / V) sum_j c_j (lse - s_j) + z lse**2``; the
+    ``"mean"`` divides the class-weighted part by ``sum_i t_i c_{y_i}`` and the z-loss
+    by ``sum_i t_i`` (``t`` the token weights), as PyTorch and Liger Kernel do. The
+    class-weighted logit sum ``sum_j c_j s_j = x . (w c) + bias . c`` is linear in
+    the unsoftcapped logits, so it costs one matrix-vector product, not a pass.
+    """
+    v = w.shape[0] if w_vd else w.shape[1]
+    a = hp.label_smoothing
+    # The plain logit sum is only needed without class weights.
+    stats_hp = hp._replace(label_smoothing=a if class_weights is None else 0.0)
+    stats, name = run_stats(
+        tokens, w, w_vd, bias, stats_hp, implementation=implementation, config=config
+    )
+    valid, t = tokens.valid, tokens.weights
+    lse, lab = stats.lse, stats.label_logit
+    if class_weights is None:
+        c_y = jnp.ones_like(lse)
+        ce = _ce_math.token_loss(
+            lse,
+            lab,
+            stats.sum_logits if hp.need_sum else None,
+            num_classes=v,
+            label_smoothing=a,
+            z_loss=0.0,
+        )
+    else:
+        cw = jax.lax.stop_gradient(class_weights.astype(lse.dtype))
+        c_y = jnp.where(valid, cw[jnp.clip(tokens.labels, 0, v - 1)], 0.0)
+        ce = c_y * (1.0 - a) * (lse - lab)
+        if a:
+            xz = jnp.where(valid[:, None], tokens.x, jnp.zeros((), tokens.x.dtype))
+            weighted_sum = _matvec(xz, _matvec(w, cw, 0 if w_vd else 1), 1)
+            if bias is not None:
+                weighted_sum = weighted_sum + bias.astype(lse.dtype) @ cw
+            ce = ce + (a / v) * (jnp.sum(cw) * lse - weighted_sum)
+    z = hp.z_loss * lse * lse
+    if token_scaling:
+        p_y = jax.lax.stop_gradient(jnp.exp(jnp.where(valid, lab - lse, 0.0)))
+        ce, z = ce * p_y, z * p_y
+    coef_z = tokens.coef
+    coef_ce = coef_z
+    if mean and class_weights is not None:
+        denom = jnp.sum(t * c_y)
+        coef_ce = jnp.where(denom == 0, 0.0, t / jnp.where(denom == 0, 1.0, denom))
+    loss = jnp.where(valid, coef_ce * ce + coef_z * z, 0.0)
+    loss = _ce_math.nan_if_bad_label(loss, tokens.labels, v, valid)
+    side = side_outputs(valid, lse, lab, stats.argmax)
+    return HeadOutput(loss if per_token else jnp.sum(loss), *side), name
+
+
+def _matvec(m: jax.Array, vec: jax.Array, axis: int) -> jax.Array:
+    """``m`` contracted with the float32 ``vec`` along ``axis``, accumulated in float32
+    without a float32 copy of ``m``: a low-precision ``m`` meets ``vec`` split into two
+    parts of its dtype (``hi + lo``), which keeps ``vec`` to about 16 bits."""
+    dims = (((axis,), (0,)), ((), ()))
+    f32 = vec.dtype
+    if m.dtype == f32:
+        return jax.lax.dot_general(m, vec, dims, precision=jax.lax.Precision.HIGHEST)
+    hi = vec.astype(m.dtype)
+    lo = (vec - hi.astype(f32)).astype(m.dtype)
+    return sum(jax.lax.dot_general(m, p, dims, preferred_element_type=f32) for p in (hi, lo))
 
 
 def finish(

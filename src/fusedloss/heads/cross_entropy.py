@@ -7,8 +7,15 @@ from typing import Any, Literal
 
 import jax
 
+from fusedloss import _checks
 from fusedloss.heads import sharded
-from fusedloss.heads._ce_head import LinearCrossEntropyAux, finish, local_cross_entropy
+from fusedloss.heads._ce_head import (
+    LinearCrossEntropyAux,
+    finish,
+    local_cross_entropy,
+    reweighted_cross_entropy,
+)
+from fusedloss.heads._engine import Hyper
 from fusedloss.heads._tokens import check_head_args, check_options, check_shift, prepare_tokens
 from fusedloss.heads.transposed import Transposed
 
@@ -29,6 +36,8 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     shift: int = 0,
+    class_weights: jax.typing.ArrayLike | None = None,
+    token_scaling: bool = False,
     return_aux: bool = False,
     implementation: Implementation | Sequence[Implementation] | None = None,
     config: Any = None,
@@ -60,6 +69,17 @@ def linear_cross_entropy(
       logit_softcap: if set, logits become ``c * tanh(logits / c)``.
       shift: ``x[..., :-shift, :]`` predicts ``labels[..., shift:]`` (next-token
         prediction with ``shift=1``); ``where``/``weights`` align with ``labels``.
+      class_weights: optional float ``[V]`` per-class weights (constants), with
+        PyTorch's ``CrossEntropyLoss(weight=...)`` semantics: a token's loss is
+        ``c_y (1 - a) (lse - s_y) + (a / V) sum_j c_j (lse - s_j)`` (``a`` the label
+        smoothing) and ``"mean"`` divides by ``sum_i t_i c_{y_i}`` (``t`` the token
+        weights); the z-loss term is not class-weighted and its mean is over the
+        tokens (as in Liger Kernel's ``ce_weight``). With label smoothing the
+        class-weighted logit sum is linear in ``x @ w``: ``logit_softcap`` cannot
+        be combined with both.
+      token_scaling: scale each token's loss (z-loss included) by its own label
+        probability ``softmax(logits)[y]``, treated as a constant (DFT; Liger
+        Kernel's ``use_token_scaling``); the ``"mean"`` denominator is unchanged.
       return_aux: also return a :class:`LinearCrossEntropyAux`.
       implementation: ``None`` (best for the platform and chip the program is
         compiled for, falling back in order),
@@ -98,7 +118,14 @@ def linear_cross_entropy(
     hp = check_options(reduction, label_smoothing, z_loss, logit_softcap, ignore_index, shift)
     check_shift(args.x, shift)
     kw = dict(ignore_index=ignore_index, reduction=reduction, shift=shift)
+    class_weights = check_reweighting(class_weights, token_scaling, hp, args.vocab_size)
+    reweighted = class_weights is not None or token_scaling
     split = None if implementation == "reference" else sharded.explicit_split(args)
+    if split is not None and reweighted:
+        raise NotImplementedError(
+            "`class_weights` and `token_scaling` run on one device's arrays; for inputs "
+            "split over mesh axes, gather them or use a shard_map of this call."
+        )
     if split is not None:  # inputs split over Explicit mesh axes: run per shard
         mesh, data, model = split
         head = sharded.cross_entropy_head(
@@ -111,14 +138,30 @@ def linear_cross_entropy(
         args.x, args.labels, args.where, args.weights, vocab_size=args.vocab_size, **kw
     )
     per_token = reduction == "none"
-    out, name = local_cross_entropy(
-        tokens,
-        args.w,
-        args.w_vd,
-        args.bias,
-        hp,
-        per_token=per_token,
-        implementation=implementation,
-        config=config,
-    )
+    head = (args.w, args.w_vd, args.bias, hp)
+    run = dict(per_token=per_token, implementation=implementation, config=config)
+    if reweighted:
+        out, name = reweighted_cross_entropy(
+            tokens, *head, class_weights, token_scaling, mean=reduction == "mean", **run
+        )
+    else:
+        out, name = local_cross_entropy(tokens, *head, **run)
     return finish(out, tokens, name, per_token=per_token, dtype=args.x.dtype, return_aux=return_aux)
+
+
+def check_reweighting(class_weights, token_scaling, hp: Hyper, vocab_size: int):
+    """The class weights as a float32 ``[V]`` array (or None), checked."""
+    if not isinstance(token_scaling, bool):
+        raise TypeError(f"`token_scaling` must be a bool, got {token_scaling!r}.")
+    if class_weights is None:
+        return None
+    _checks.check_floating("class_weights", class_weights)
+    class_weights = jax.numpy.asarray(class_weights)
+    _checks.check_shape("class_weights", class_weights, (vocab_size,), "[V], V = w.shape[1]")
+    if hp.label_smoothing and hp.softcap is not None:
+        raise ValueError(
+            "`class_weights` with `label_smoothing` needs the class-weighted sum of the "
+            "logits, which `logit_softcap` makes nonlinear in x @ w: got label_smoothing="
+            f"{hp.label_smoothing} and logit_softcap={hp.softcap}; drop one of the three."
+        )
+    return class_weights.astype(jax.numpy.float32)
