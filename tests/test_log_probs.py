@@ -15,22 +15,20 @@ import fusedloss
 from fusedloss import PallasGpuConfig, PallasTpuConfig, XlaConfig, linear_log_probs
 
 XLA = XlaConfig(strategy="recompute", token_chunk=16, vocab_chunk=48)
-# (id, implementation, config, supports temperature/entropy)
+# (id, implementation, config)
 IMPLS = [
-    ("reference", "reference", None, True),
-    ("xla", "xla", XLA, True),
+    ("reference", "reference", None),
+    ("xla", "xla", XLA),
     (
         "pallas_gpu-interpret",
         "pallas_gpu",
         PallasGpuConfig(block_tokens=16, block_vocab=32, block_d=16, vocab_splits=2,
                         chunk_bytes=8192, interpret=True),
-        False,
     ),
     (
         "pallas_tpu-interpret",
         "pallas_tpu",
         PallasTpuConfig(block_tokens=16, block_vocab=32, interpret=True),
-        False,
     ),
 ]  # fmt: skip
 PARAMS = [pytest.param(*c, id=c[0]) for c in IMPLS]
@@ -72,14 +70,11 @@ FEATURES = {
 }
 
 
-# The kernels compute plain cross-entropy statistics: no temperature, no entropy
-# (their fallback is checked below).
 CASES = [
     pytest.param(impl, cfg, feature, entropy, id=f"{case_id}-{feature}-{int(entropy)}")
-    for case_id, impl, cfg, full in IMPLS
+    for case_id, impl, cfg in IMPLS
     for feature in FEATURES
     for entropy in (False, True)
-    if full or not (entropy or "temperature" in FEATURES[feature])
 ]
 
 
@@ -132,19 +127,19 @@ def test_values_and_gradients_match_float64_oracle(impl, cfg, feature, entropy):
         )
 
 
-@pytest.mark.parametrize("case_id,impl,cfg,full", PARAMS)
-def test_kernels_fall_back_for_temperature_and_entropy(case_id, impl, cfg, full):
-    x, w, _, labels, _ = inputs(3, lead=(8,))
-    call = functools.partial(linear_log_probs, x, w, labels, temperature=0.5, config=cfg)
-    if full:
-        assert call(implementation=impl).shape == (8,)
-        return
-    with pytest.raises(NotImplementedError, match="temperature, the expected logit"):
+@pytest.mark.parametrize("case_id,impl,cfg", PARAMS[2:])
+def test_kernels_fall_back_for_k_logits_per_token(case_id, impl, cfg):
+    """The kernels fold one label logit per token: the top-K head's K ids go to the
+    next implementation in the list (and an explicit kernel says why it cannot)."""
+    x, w, *_ = inputs(3, lead=(8,))
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(np.argsort(rng.random((8, w.shape[1])), axis=1)[:, :4], jnp.int32)
+    tlp = jnp.asarray(np.log(rng.dirichlet(np.ones(5), size=8)[:, :4]), jnp.float32)
+    call = functools.partial(fusedloss.linear_topk_distillation_loss, x, w, ids, tlp, config=cfg)
+    with pytest.raises(NotImplementedError, match="K logits per token"):
         call(implementation=impl)
-    got = call(implementation=(impl, "xla"), config=None)
-    with jax.enable_x64(True):
-        want, _ = oracle(*(jnp.asarray(a, jnp.float64) for a in (x, w)), labels, temperature=0.5)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got = call(implementation=(impl, "reference"), config=None)
+    np.testing.assert_allclose(got, call(implementation="reference", config=None), rtol=1e-6)
 
 
 def test_bf16_inputs_give_float32_statistics():

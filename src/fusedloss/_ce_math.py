@@ -163,6 +163,19 @@ def lse_combine(m1: Array, l1: Array, m2: Array, l2: Array) -> tuple[Array, Arra
     return m, l1 * jnp.exp(m1 - m_safe) + l2 * jnp.exp(m2 - m_safe)
 
 
+def expected_combine(m_old: Array, ex: Array, m: Array, shift: Array, tile: Array) -> Array:
+    """Folds a tile into the running ``sum(exp(s - max) * s)`` of an online softmax
+    (what the expected logit ``E_softmax(s)[s]`` is divided out of at the end).
+
+    ``ex`` is relative to the old running max ``m_old``, ``tile`` (the tile's sum of
+    ``exp(s - shift) * s``) to the tile's ``shift``; both are rescaled to the new
+    running max ``m``. Safe when a side has seen nothing (max -inf).
+    """
+    m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
+    old_scale = jnp.where(jnp.isneginf(m_old), 0.0, jnp.exp(m_old - m_safe))
+    return ex * old_scale + tile * jnp.exp(shift - m_safe)
+
+
 def lse_finalize(m: Array, l: Array) -> Array:
     """log-sum-exp from (running max, sum): -inf for an empty row, NaN propagates."""
     m_safe = jnp.where(jnp.isneginf(m), 0.0, m)

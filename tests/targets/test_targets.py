@@ -106,6 +106,8 @@ def _features(kind: str, mesh):
     ``every`` = both at once (bias, weights, label smoothing and z-loss on per-token
     losses of a tied embedding)."""
     tied = kind in ("none_tied", "every")
+    if kind == "rl":  # the RL head: log-probs and entropy at a sampling temperature
+        return _rl_loss(mesh), False
 
     def loss(x, w, bias, labels, weights, *, implementation, seen):
         seen.append(_targets.known_target(x, w))
@@ -122,6 +124,23 @@ def _features(kind: str, mesh):
         return jnp.sum(out.astype(jnp.float32))
 
     return loss, tied
+
+
+def _rl_loss(mesh):
+    """``linear_log_probs`` at temperature 0.8 with entropy, bias and softcap: the
+    policy-gradient head (per-token weights stand in for advantages)."""
+
+    def loss(x, w, bias, labels, weights, *, implementation, seen):
+        seen.append(_targets.known_target(x, w))
+        kw = dict(bias=bias, logit_softcap=30.0, temperature=0.8, return_entropy=True)
+        kw.update(implementation=implementation)
+        if mesh is None:
+            logp, ent = fusedloss.linear_log_probs(x, w, labels, **kw)
+        else:
+            logp, ent = fusedloss.sharded_linear_log_probs(x, w, labels, mesh=mesh, **kw)
+        return jnp.sum(logp * weights) + 0.01 * jnp.sum(ent)
+
+    return loss
 
 
 class Compiled:
@@ -244,6 +263,24 @@ def test_default_is_the_kernel(target):
         _check_ptx(target, arch, names)
 
 
+@pytest.mark.parametrize(
+    ("target", "layout", "head"),
+    [(t, "mesh1", LLAMA3_8B) for t in TARGETS]
+    + [(t, "mesh8", LLAMA3_8B) for t in ("h100", "tpu_v5e")]
+    + [(t, "mesh1", GEMMA2_2B) for t in ("a100", "tpu_v6e")],
+    ids=str,
+)
+def test_rl_log_probs_default_is_the_kernel(target, layout, head):
+    """Log-probs with entropy at temperature 0.8 (bias, softcap) run on the chip's
+    kernel by default, within its bound, with no float32 w and, on GPUs, no spills."""
+    platform, *_, arch = TARGETS[target]
+    name = f"ptx_{target}_rl_{layout}_{head[2]}"
+    c = _compile(target, None, "rl", layout, head=head, name=name)
+    _check(c)
+    if platform == "gpu":
+        _check_ptx(target, arch, [name], kernels=2)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_gemma_head_default(target):
     _check(_compile(target, None, "all", "mesh1", head=GEMMA2_2B))
@@ -285,14 +322,14 @@ _PTXAS_ENTRY = re.compile(
 )
 
 
-def _check_ptx(target: str, arch: str, names: list[str]) -> None:
+def _check_ptx(target: str, arch: str, names: list[str], kernels: int = 4) -> None:
     """No Triton kernel of the named programs spills registers for ``arch``."""
     ptx = [
         p
         for p in sorted(pathlib.Path(_DUMP).glob("*.ptx"))
         if any(f".jit_{n}." in p.name for n in names) and ".entry fusedloss_" in p.read_text()
     ]
-    assert len(ptx) >= 4, [p.name for p in pathlib.Path(_DUMP).iterdir()]
+    assert len(ptx) >= kernels, [p.name for p in pathlib.Path(_DUMP).iterdir()]
     for p in ptx:
         out = subprocess.run(
             [str(_PTXAS), f"-arch={arch}", "-v", "--warn-on-spills", str(p), "-o", os.devnull],

@@ -46,11 +46,6 @@ class Hyper(NamedTuple):
     def need_sum(self) -> bool:
         return self.label_smoothing != 0.0
 
-    @property
-    def plain_logits(self) -> bool:
-        """Only the cross-entropy statistics of ``softcap(z)`` are needed."""
-        return self.temperature == 1.0 and not self.entropy and self.picked == 0
-
 
 class TokenStats(NamedTuple):
     """Per-token float32 statistics over the (local) vocabulary."""
@@ -131,14 +126,15 @@ _KERNEL_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def require_kernel_support(name: str, platform: str, interpreted: bool, problem, target) -> None:
-    """What every Pallas kernel's plan checks: plain cross-entropy statistics, its own
-    platform (unless interpreted) and a dtype the kernels take; ``NotImplementedError``
-    otherwise, so that ``implementation=None`` falls back."""
-    if not problem.hp.plain_logits:
+    """What every Pallas kernel's plan checks: one logit per token (the kernels fold
+    the log-sum-exp, the label's logit, the logit sum and the expected logit of
+    ``softcap(x @ w + bias) / temperature``), its own platform (unless interpreted)
+    and a dtype the kernels take; ``NotImplementedError`` otherwise, so that
+    ``implementation=None`` falls back."""
+    if problem.hp.picked:
         raise NotImplementedError(
-            f"{name} computes the cross-entropy statistics of softcap(x @ w + bias); a "
-            "temperature, the expected logit (entropy) or K logits per token need another "
-            "implementation."
+            f"{name} folds one label logit per token; K logits per token (the top-K "
+            "distillation's teacher ids) need another implementation."
         )
     if interpreted:
         return

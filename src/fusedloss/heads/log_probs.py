@@ -68,8 +68,8 @@ def linear_log_probs(
       shift: ``x[..., :-shift, :]`` scores ``labels[..., shift:]``.
       return_entropy: also return the entropy of ``softmax(logits / temperature)``.
       implementation: as in :func:`~fusedloss.linear_cross_entropy`; the Pallas
-        kernels compute the statistics at ``temperature=1`` without entropy, other
-        calls run on ``xla`` (or ``reference``).
+        kernels compute the log-probs and the entropy at any temperature (with bias
+        and softcap), so a GPU or TPU runs its kernel by default.
       config: the implementation's tuning dataclass.
 
     Returns:

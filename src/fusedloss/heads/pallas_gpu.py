@@ -142,12 +142,19 @@ class PallasGpuConfig:
         if not isinstance(self.interpret, bool):
             raise TypeError(f"PallasGpuConfig.interpret must be a bool, got {self.interpret!r}.")
 
-    def resolve(self, n: int, d: int, v: int, dtype: Any, target: Target) -> _Plan:
+    def resolve(
+        self, n: int, d: int, v: int, dtype: Any, target: Target, entropy: bool = False
+    ) -> _Plan:
         """Concrete tile sizes and launch parameters for an ``[n, d] @ [d, v]`` problem
-        compiled for ``target``."""
+        compiled for ``target`` (``entropy``: the forward also folds the expected
+        logit)."""
         kind, sm_count = _device_info(target, self.interpret)
         itemsize = jnp.dtype(dtype).itemsize
         bt, bv, bd, warps, stages = _default_tiles(kind, itemsize)
+        if entropy and kind != "cpu":
+            # The expected logit's running sum and its tile of exp(s) * s: 128-column
+            # tiles spill on Ampere (255 registers); 64 columns fit every chip.
+            bv = min(bv, 64)
         # Tiles larger than the problem only waste masked lanes.
         bt = self.block_tokens or min(bt, max(16, pl.next_power_of_2(n)))
         bv = self.block_vocab or min(bv, max(16, pl.next_power_of_2(v)))
@@ -299,7 +306,8 @@ def _w_tile(st: _Static, w_ref, k0, k_ok, c0, cols_ok):
 
 
 def _logits_tile(st: _Static, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok):
-    """Softcapped float32 logits of rows ``r0 + [0, bt)`` and columns ``c0 + [0, bv)``."""
+    """float32 head logits (softcapped, over the temperature) of rows ``r0 + [0, bt)``
+    and columns ``c0 + [0, bv)``."""
 
     def body(k, acc):
         k0, k_ok = _d_slice(st, k)
@@ -317,7 +325,7 @@ def _logits_tile(st: _Static, x_ref, w_ref, b_ref, r0, c0, rows_ok, cols_ok):
     if b_ref is not None:
         b = _load(b_ref.at[pl.ds(c0, st.bv)], cols_ok, 0.0)
         z = z + b.astype(st.acc)[None, :]
-    return _ce_math.softcap(z, st.hp.softcap)
+    return _ce_math.head_logits(z, st.hp.softcap, st.hp.temperature)
 
 
 def _outer(a_ok, b_ok, na: int, nb: int):
@@ -349,7 +357,7 @@ def _fwd_kernel(x_ref, w_ref, *refs, st: _Static, tiles_per_split: int, nv: int)
     check_cols = st.v % st.bv != 0 or nv % tiles_per_split != 0
 
     def body(jj, carry):
-        m, l, lab_logit, ssum, best, arg = carry
+        m_old, l, lab_logit, ssum, best, arg, ex = carry
         c0 = (split * tiles_per_split + jj) * st.bv
         cols = c0 + _iota(st.bv)
         cols_ok = (cols < st.v) if check_cols else None
@@ -358,7 +366,13 @@ def _fwd_kernel(x_ref, w_ref, *refs, st: _Static, tiles_per_split: int, nv: int)
             s = jnp.where(cols_ok[None, :], s, -jnp.inf)
         bm = jnp.max(s, axis=1)
         shift = jnp.where(jnp.isneginf(bm), 0.0, bm)
-        m, l = _ce_math.lse_combine(m, l, bm, jnp.sum(jnp.exp(s - shift[:, None]), axis=1))
+        e = jnp.exp(s - shift[:, None])
+        m, l = _ce_math.lse_combine(m_old, l, bm, jnp.sum(e, axis=1))
+        if st.hp.entropy:
+            # sum(exp(s - max) * s) over the tile, from the same exponentials (one
+            # logits-sized temporary: the A100 tiles would spill with a second).
+            finite = s if cols_ok is None else jnp.where(cols_ok[None, :], s, 0.0)
+            ex = _ce_math.expected_combine(m_old, ex, m, shift, jnp.sum(e * finite, axis=1))
         is_label = lab[:, None] == cols[None, :]
         if cols_ok is not None:
             is_label = is_label & cols_ok[None, :]
@@ -368,7 +382,7 @@ def _fwd_kernel(x_ref, w_ref, *refs, st: _Static, tiles_per_split: int, nv: int)
             ssum = ssum + jnp.sum(finite, axis=1)
         barg = lax.argmax(s, 1, jnp.int32) + c0
         take = bm > best
-        return m, l, lab_logit, ssum, jnp.maximum(best, bm), jnp.where(take, barg, arg)
+        return m, l, lab_logit, ssum, jnp.maximum(best, bm), jnp.where(take, barg, arg), ex
 
     init = (
         jnp.full((st.bt,), -jnp.inf, acc),
@@ -377,16 +391,19 @@ def _fwd_kernel(x_ref, w_ref, *refs, st: _Static, tiles_per_split: int, nv: int)
         jnp.zeros((st.bt,), acc),
         jnp.full((st.bt,), -jnp.inf, acc),
         jnp.zeros((st.bt,), jnp.int32),
+        jnp.zeros((st.bt,), acc),
     )
     out = _fori(tiles_per_split, body, init)
+    out = out if st.hp.entropy else out[:-1]
     base = split * st.n + r0
     for ref, val in zip(out_refs, out, strict=True):
         _store(ref.at[pl.ds(base, st.bt)], val, rows_ok)
 
 
 def _row_inputs(st: _Static, row_refs, r0, rows_ok):
-    """Loads a tile's (label, include, lse, g_lse, g_label, g_sum) rows."""
-    lab_ref, ok_ref, lse_ref, gl_ref, gy_ref, gs_ref = row_refs
+    """Loads a tile's (label, include, lse, g_lse, g_label, g_sum) rows and, with the
+    entropy, (g_expected, expected)."""
+    lab_ref, ok_ref, lse_ref, gl_ref, gy_ref, gs_ref, *ent_refs = row_refs
     sl = pl.ds(r0, st.bt)
     lab = _load(lab_ref.at[sl], rows_ok, -1)
     ok = _load(ok_ref.at[sl], rows_ok, 0) != 0
@@ -394,12 +411,14 @@ def _row_inputs(st: _Static, row_refs, r0, rows_ok):
     g_lse = _load(gl_ref.at[sl], rows_ok, 0.0)
     g_lab = _load(gy_ref.at[sl], rows_ok, 0.0)
     g_sum = _load(gs_ref.at[sl], rows_ok, 0.0) if st.hp.need_sum else None
-    return lab, ok, lse, g_lse, g_lab, g_sum
+    ent = tuple(_load(r.at[sl], rows_ok, 0.0) for r in ent_refs)
+    return lab, ok, lse, g_lse, g_lab, g_sum, ent
 
 
 def _dlogits(st: _Static, s, cols, cols_ok, rows):
     """float32 gradient w.r.t. a tile's raw logits; 0 on excluded rows / columns."""
-    lab, ok, lse, g_lse, g_lab, g_sum = rows
+    lab, ok, lse, g_lse, g_lab, g_sum, ent = rows
+    g_exp, expected = (e[:, None] for e in ent) if ent else (None, None)
     dl = _ce_math.stats_grad(
         s,
         lse[:, None],
@@ -408,6 +427,9 @@ def _dlogits(st: _Static, s, cols, cols_ok, rows):
         g_lab[:, None],
         0.0 if g_sum is None else g_sum[:, None],
         cap=st.hp.softcap,
+        temperature=st.hp.temperature,
+        g_expected=g_exp,
+        expected=expected,
     )
     # `where`, not a product: an excluded row may hold NaN/Inf logits.
     keep = ok[:, None] if cols_ok is None else ok[:, None] & cols_ok[None, :]
@@ -494,19 +516,24 @@ def _forward(x, w, bias, labels, hp: Hyper, plan: _Plan) -> TokenStats:
     nt, nv = cdiv(n, st.bt), cdiv(v, st.bv)
     splits, per_split = plan.fwd
     rows = (splits * n,)
-    out_shape = [jax.ShapeDtypeStruct(rows, st.acc)] * 5 + [jax.ShapeDtypeStruct(rows, jnp.int32)]
+    f32, i32 = jax.ShapeDtypeStruct(rows, st.acc), jax.ShapeDtypeStruct(rows, jnp.int32)
+    out_shape = [f32] * 5 + [i32] + ([f32] if hp.entropy else [])
     kernel = functools.partial(_fwd_kernel, st=st, tiles_per_split=per_split, nv=nv)
     args = (x, w) + (() if bias is None else (bias,)) + (labels,)
     parts = _call(kernel, plan, (splits, nt), out_shape, "fusedloss_lce_fwd")(*args)
-    m, l, lab_logit, ssum, best, arg = (p.reshape(splits, n) for p in parts)
-    return _combine_splits(m, l, lab_logit, ssum, best, arg)
+    return _combine_splits(*(p.reshape(splits, n) for p in parts))
 
 
-def _combine_splits(m, l, lab_logit, ssum, best, arg) -> TokenStats:
+def _combine_splits(m, l, lab_logit, ssum, best, arg, ex=None) -> TokenStats:
     """Merges the per-split statistics ``[splits, N]`` into per-token ones."""
     mt, lt = m[0], l[0]
     for k in range(1, m.shape[0]):
         mt, lt = _ce_math.lse_combine(mt, lt, m[k], l[k])
+    expected = None
+    if ex is not None:  # each split's sum of exp(s - m_k) * s, rescaled to the total max
+        mt_safe = jnp.where(jnp.isneginf(mt), 0.0, mt)
+        scale = jnp.where(jnp.isneginf(m), 0.0, jnp.exp(m - mt_safe[None, :]))
+        expected = jnp.sum(ex * scale, axis=0) / lt
     # The first split holding the maximum wins, as jnp.argmax picks the first column.
     which = jnp.argmax(best, axis=0)
     return TokenStats(
@@ -515,15 +542,17 @@ def _combine_splits(m, l, lab_logit, ssum, best, arg) -> TokenStats:
         sum_logits=jnp.sum(ssum, axis=0),
         max_logit=jnp.max(best, axis=0),
         argmax=jnp.take_along_axis(arg, which[None, :], axis=0)[0],
+        expected_logit=expected,
     )
 
 
 def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
     st = _static(x, w, bias, hp, plan)
-    g_lse, g_lab, g_sum = (jnp.where(valid, c.astype(st.acc), 0.0) for c in cts)
+    # (g_lse, g_label, g_sum) and, with the entropy, (g_expected, expected).
+    rows = [jnp.where(valid, c.astype(st.acc), 0.0) for c in cts]
     # Excluded rows: lse may be NaN/Inf there; their gradient is zeroed in-kernel.
     lse = jnp.where(valid, lse, 0.0)
-    row_args = (labels, valid.astype(jnp.int32), lse, g_lse, g_lab, g_sum)
+    row_args = (labels, valid.astype(jnp.int32), lse, *rows)
     head = (x, w) + (() if bias is None else (bias,))
     return _backward_dlogits(st, plan, x, w, bias, valid, head, row_args)
 
@@ -609,5 +638,7 @@ def plan(config: PallasGpuConfig | None, problem: Problem, target: Target) -> _P
     """The kernels' plan, or ``NotImplementedError`` where they cannot run."""
     config = PallasGpuConfig() if config is None else config
     require_kernel_support("pallas_gpu", "gpu", config.interpret, problem, target)
-    p = config.resolve(problem.n, problem.d, problem.v, problem.dtype, target)
+    p = config.resolve(
+        problem.n, problem.d, problem.v, problem.dtype, target, entropy=problem.hp.entropy
+    )
     return p._replace(w_vd=problem.w_vd)

@@ -159,13 +159,14 @@ class _Plan(NamedTuple):
 def _vmem_estimate(bt: int, bv: int, d: int, itemsize: int) -> int:
     """VMEM bytes of the larger backward kernel (the forward needs less).
 
-    Both hold double-buffered ``x`` and ``w`` blocks, six double-buffered ``[bt, 1]``
-    per-row blocks (each padded to 128 lanes of 4 bytes) and a few float32
+    Both hold double-buffered ``x`` and ``w`` blocks, up to eight double-buffered
+    ``[bt, 1]`` per-row blocks (six, and two more with the entropy; each padded to 128
+    lanes of 4 bytes) and a few float32
     logits-sized temporaries; ``dx`` adds its double-buffered output block and a
     float32 ``[bt, D]`` accumulator, ``dw`` its output block and a float32
     ``[bv, D]`` accumulator.
     """
-    common = 2 * itemsize * (bt * d + d * bv) + 2 * 6 * bt * 128 * 4 + 4 * 4 * bt * bv
+    common = 2 * itemsize * (bt * d + d * bv) + 2 * 8 * bt * 128 * 4 + 4 * 4 * bt * bv
     dx = 2 * itemsize * bt * d + 4 * bt * d
     dw = 2 * itemsize * d * bv + 4 * bv * d
     return common + max(dx, dw)
@@ -211,7 +212,7 @@ def _logits(st: _Static, x, w, b_ref):
     z = lax.dot_general(x, w, dims, precision=st.precision, preferred_element_type=st.acc)
     if b_ref is not None:
         z = z + b_ref[...].astype(st.acc)
-    return _ce_math.softcap(z, st.hp.softcap)
+    return _ce_math.head_logits(z, st.hp.softcap, st.hp.temperature)
 
 
 def _fwd_kernel(x_ref, w_ref, *refs, st: _Static):
@@ -219,8 +220,9 @@ def _fwd_kernel(x_ref, w_ref, *refs, st: _Static):
         b_ref, lab_ref, *refs = refs
     else:
         b_ref, (lab_ref, *refs) = None, refs
-    outs, scratch = refs[:5], refs[5:]
-    m_sc, l_sc, y_sc, s_sc, best_sc, arg_sc = scratch
+    n_out = 6 if st.hp.entropy else 5
+    outs, scratch = refs[:n_out], refs[n_out:]
+    m_sc, l_sc, y_sc, s_sc, best_sc, arg_sc, *e_sc = scratch
     j = pl.program_id(1)
 
     @pl.when(j == 0)
@@ -231,6 +233,8 @@ def _fwd_kernel(x_ref, w_ref, *refs, st: _Static):
         s_sc[...] = jnp.zeros(s_sc.shape, st.acc)
         best_sc[...] = jnp.full(best_sc.shape, -jnp.inf, st.acc)
         arg_sc[...] = jnp.zeros(arg_sc.shape, jnp.int32)
+        for e in e_sc:
+            e[...] = jnp.zeros(e.shape, st.acc)
 
     cols, cols_ok = _cols(st, j)
     s = _logits(st, x_ref[...], w_ref[...], b_ref)
@@ -238,10 +242,14 @@ def _fwd_kernel(x_ref, w_ref, *refs, st: _Static):
         s = jnp.where(cols_ok, s, -jnp.inf)
     bm = jnp.max(s, axis=1, keepdims=True)
     shift = jnp.where(jnp.isneginf(bm), 0.0, bm)
-    m, l = _ce_math.lse_combine(
-        m_sc[...], l_sc[...], bm, jnp.sum(jnp.exp(s - shift), axis=1, keepdims=True)
-    )
+    m_old = m_sc[...]
+    p = jnp.exp(s - shift)
+    m, l = _ce_math.lse_combine(m_old, l_sc[...], bm, jnp.sum(p, axis=1, keepdims=True))
     m_sc[...], l_sc[...] = m, l
+    for e in e_sc:  # sum(exp(s - max) * s), from the same exponentials
+        finite = s if cols_ok is None else jnp.where(cols_ok, s, 0.0)
+        tile = jnp.sum(p * finite, axis=1, keepdims=True)
+        e[...] = _ce_math.expected_combine(m_old, e[...], m, shift, tile)
     is_label = lab_ref[...] == cols
     if cols_ok is not None:
         is_label = is_label & cols_ok
@@ -266,11 +274,14 @@ def _fwd_kernel(x_ref, w_ref, *refs, st: _Static):
         sum_out[...] = s_sc[...]
         max_out[...] = best_sc[...]
         arg_out[...] = arg_sc[...]
+        for e, e_out in zip(e_sc, outs[5:], strict=True):
+            e_out[...] = e[...] / l_sc[...]
 
 
 def _dlogits(st: _Static, s, cols, cols_ok, row_refs, rows_ok):
     """float32 gradient w.r.t. a tile's raw logits; 0 on excluded rows / columns."""
-    lab_ref, ok_ref, lse_ref, gl_ref, gy_ref, gs_ref = row_refs
+    lab_ref, ok_ref, lse_ref, gl_ref, gy_ref, gs_ref, *ent_refs = row_refs
+    g_exp, expected = (r[...] for r in ent_refs) if ent_refs else (None, None)
     dl = _ce_math.stats_grad(
         s,
         lse_ref[...],
@@ -279,6 +290,9 @@ def _dlogits(st: _Static, s, cols, cols_ok, row_refs, rows_ok):
         gy_ref[...],
         gs_ref[...] if st.hp.need_sum else 0.0,
         cap=st.hp.softcap,
+        temperature=st.hp.temperature,
+        g_expected=g_exp,
+        expected=expected,
     )
     keep = ok_ref[...] != 0
     if rows_ok is not None:
@@ -422,14 +436,17 @@ def _forward(x, w, bias, labels, hp: Hyper, plan: _Plan) -> TokenStats:
     nt, nv = cdiv(st.n, st.bt), cdiv(st.v, st.bv)
     args, specs, row_spec = _head(x, w, bias, st, 0)
     col = (st.n, 1)
-    out_shape = [jax.ShapeDtypeStruct(col, st.acc)] * 4 + [jax.ShapeDtypeStruct(col, jnp.int32)]
+    f32, i32 = jax.ShapeDtypeStruct(col, st.acc), jax.ShapeDtypeStruct(col, jnp.int32)
+    ent = 1 if hp.entropy else 0
+    out_shape = [f32] * 4 + [i32] + [f32] * ent
     scratch = [pltpu.VMEM((st.bt, 1), st.acc)] * 5 + [pltpu.VMEM((st.bt, 1), jnp.int32)]
-    lse, lab_logit, ssum, best, arg = _call(
+    scratch += [pltpu.VMEM((st.bt, 1), st.acc)] * ent
+    lse, lab_logit, ssum, best, arg, *expected = _call(
         functools.partial(_fwd_kernel, st=st),
         plan,
         (nt, nv),
         [*specs, row_spec],
-        [row_spec] * 5,
+        [row_spec] * len(out_shape),
         out_shape,
         scratch,
         ("parallel", "arbitrary"),
@@ -441,6 +458,7 @@ def _forward(x, w, bias, labels, hp: Hyper, plan: _Plan) -> TokenStats:
         sum_logits=ssum[:, 0],
         max_logit=best[:, 0],
         argmax=arg[:, 0],
+        expected_logit=expected[0][:, 0] if expected else None,
     )
 
 
@@ -449,17 +467,18 @@ def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
     n, d, v = st.n, st.d, st.v
     nt, nv = cdiv(n, st.bt), cdiv(v, st.bv)
     acc = st.acc
-    g_lse, g_lab, g_sum = (jnp.where(valid, c.astype(acc), 0.0) for c in cts)
+    # (g_lse, g_label, g_sum) and, with the entropy, (g_expected, expected).
+    cts = [jnp.where(valid, c.astype(acc), 0.0) for c in cts]
     # Excluded rows: lse may be NaN/Inf there; their gradient is zeroed in-kernel.
     lse = jnp.where(valid, lse, 0.0)
-    rows = [a.reshape(n, 1) for a in (labels, valid.astype(jnp.int32), lse, g_lse, g_lab, g_sum)]
+    rows = [a.reshape(n, 1) for a in (labels, valid.astype(jnp.int32), lse, *cts)]
 
     args, specs, row_spec = _head(x, w, bias, st, 0)
     dx = _call(
         functools.partial(_dx_kernel, st=st),
         plan,
         (nt, nv),
-        [*specs] + [row_spec] * 6,
+        [*specs] + [row_spec] * len(rows),
         pl.BlockSpec((st.bt, d), lambda i, j: (i, 0)),
         jax.ShapeDtypeStruct((n, d), x.dtype),
         [pltpu.VMEM((st.bt, d), acc)],
@@ -477,7 +496,7 @@ def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
         functools.partial(_dw_kernel, st=st),
         plan,
         (nv, nt),
-        [*specs] + [row_spec] * 6,
+        [*specs] + [row_spec] * len(rows),
         [dw_spec, pl.BlockSpec((1, st.bv), lambda j, i: (0, j))],
         [jax.ShapeDtypeStruct(w.shape, w.dtype), jax.ShapeDtypeStruct((1, v), b_dtype)],
         [pltpu.VMEM((st.bv, d), acc), pltpu.VMEM((1, st.bv), acc)],
