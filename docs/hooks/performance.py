@@ -54,9 +54,13 @@ def _section(directory: Path) -> list[str]:
     text = report.to_markdown(doc, plots)
     # One level below the page's title; plots relative to the page.
     text = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.M)
+    measured = "compiled for the target, not run" if "target" in meta else "on the host"
     text = re.sub(
         r"!\[([^\]]*)\]\(([^)/]+\.png)\)",
-        lambda m: f"![{m.group(1)}](results/{directory.name}/{m.group(2)})",
+        lambda m: (
+            f"![{m.group(1)}: {meta['device_kind']}, {measured}]"
+            f"(results/{directory.name}/{m.group(2)})"
+        ),
         text,
     )
     first, _, rest = text.partition("\n")
