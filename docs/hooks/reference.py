@@ -84,6 +84,12 @@ def _generate() -> tuple[dict[str, str], list[tuple[str, str]], list[str]]:
 
     problems: list[str] = []
     groups: dict[str, tuple[str, list[str]]] = {}
+    # A top-level name that a submodule also exports is documented on that module's page.
+    in_submodules = {
+        id(getattr(module, n))
+        for module in map(importlib.import_module, SUBMODULES)
+        for n in _public_names(module)
+    }
     for name in fusedloss.__all__:
         obj = getattr(fusedloss, name, None)
         if obj is None:
@@ -94,8 +100,8 @@ def _generate() -> tuple[dict[str, str], list[tuple[str, str]], list[str]]:
                 problems.append(f"fusedloss.{name} is a module missing from SUBMODULES")
             continue
         problems += [f"fusedloss.{name} lacks {m}" for m in _check(obj)]
-        if obj.__module__ in SUBMODULES:
-            continue  # documented on its module's page, where it is defined
+        if id(obj) in in_submodules:
+            continue
         slug, title = _page_of(obj.__module__)
         groups.setdefault(slug, (title, []))[1].append(f"fusedloss.{name}")
 
