@@ -48,8 +48,8 @@ def _section(directory: Path) -> list[str]:
     else:
         doc = {**doc, "targets": None}  # each target has a section of its own below
         where = (
-            f"**Measured on the host, `{meta['device_kind']}` ({meta['platform']})**: the "
-            "timings ran there; the compiled tables were compiled for it, not run."
+            f"**Timed on the machine that ran the suite** (`{meta['device_kind']}`, platform "
+            f"`{meta['platform']}`); its compiled tables were compiled for it, not run."
         )
     text = report.to_markdown(doc, plots)
     # One level below the page's title; plots relative to the page.
