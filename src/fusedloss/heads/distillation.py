@@ -133,11 +133,16 @@ def linear_topk_distillation_loss(
       teacher_ids: ``[..., K]`` int, distinct per token: the teacher's top-K ids.
       teacher_log_probs: ``[..., K]`` float: the teacher's log-probabilities of them.
       temperature: ``> 0``; the student's logits are divided by it (after the softcap).
-      bias, logit_softcap: the student head's bias and softcap.
-      where, weights, reduction, shift: as in :func:`~fusedloss.linear_cross_entropy`
-        (``shift`` aligns ``x[..., :-shift, :]`` with ``teacher_ids[..., shift:, :]``).
-      implementation, config: the statistics core (``xla`` or ``reference``; the
-        Pallas kernels compute single-label statistics only).
+      bias: the student head's optional ``[V]`` bias.
+      logit_softcap: the student head's optional softcap.
+      where: as in :func:`~fusedloss.linear_cross_entropy`.
+      weights: as in :func:`~fusedloss.linear_cross_entropy`.
+      reduction: as in :func:`~fusedloss.linear_cross_entropy`.
+      shift: as in :func:`~fusedloss.linear_cross_entropy` (``shift`` aligns
+        ``x[..., :-shift, :]`` with ``teacher_ids[..., shift:, :]``).
+      implementation: the statistics core (``xla`` or ``reference``; the Pallas
+        kernels compute single-label statistics only).
+      config: an :class:`~fusedloss.XlaConfig` for ``"xla"``.
 
     Returns:
       The loss: per token (``x``'s dtype) for ``"none"``, else a float32 scalar. An
@@ -320,14 +325,20 @@ def linear_distillation_loss(
       divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
       beta: the teacher's weight in the mixture of ``"jsd"``, in ``(0, 1)``.
       temperature: ``> 0``; both heads' logits are divided by it (after softcaps).
-      bias, teacher_bias: optional ``[V]`` biases.
-      logit_softcap, teacher_logit_softcap: optional softcaps of each head.
+      bias: the student's optional ``[V]`` bias.
+      teacher_bias: the teacher's optional ``[V]`` bias.
+      logit_softcap: the student's optional softcap.
+      teacher_logit_softcap: the teacher's optional softcap.
       labels: optional integer ids with ``x.shape[:-1]`` for the hard-label term and
         ``ignore_index``.
       hard_label_weight: in ``[0, 1]``, the hard-label term's weight (needs labels).
-      ignore_index, where, weights, reduction, shift: as in
-        :func:`~fusedloss.linear_cross_entropy`; exclusions apply to both terms
-        (``shift`` aligns ``x`` and ``teacher_x`` with ``labels[..., shift:]``).
+      ignore_index: as in :func:`~fusedloss.linear_cross_entropy`; exclusions apply
+        to both terms.
+      where: as in :func:`~fusedloss.linear_cross_entropy`, for both terms.
+      weights: as in :func:`~fusedloss.linear_cross_entropy`, for both terms.
+      reduction: as in :func:`~fusedloss.linear_cross_entropy`.
+      shift: as in :func:`~fusedloss.linear_cross_entropy` (``shift`` aligns ``x``
+        and ``teacher_x`` with ``labels[..., shift:]``).
       return_aux: also return a :class:`LinearDistillationAux`.
       implementation: ``"xla"`` (default) or ``"reference"`` (the materialized
         computation); the Pallas kernels compute single-head statistics only.

@@ -917,13 +917,21 @@ def sharded_linear_cross_entropy(
         None (tokens replicated).
       model_axis: mesh axis name(s) the vocabulary is split over, or None
         (``w`` replicated).
-      bias, where, weights, ignore_index, reduction, label_smoothing, z_loss,
-        logit_softcap, return_aux: as in :func:`~fusedloss.linear_cross_entropy`.
+      bias: as in :func:`~fusedloss.linear_cross_entropy`.
+      where: as in :func:`~fusedloss.linear_cross_entropy`.
+      weights: as in :func:`~fusedloss.linear_cross_entropy`.
+      ignore_index: as in :func:`~fusedloss.linear_cross_entropy`.
+      reduction: as in :func:`~fusedloss.linear_cross_entropy`.
+      label_smoothing: as in :func:`~fusedloss.linear_cross_entropy`.
+      z_loss: as in :func:`~fusedloss.linear_cross_entropy`.
+      logit_softcap: as in :func:`~fusedloss.linear_cross_entropy`.
+      return_aux: as in :func:`~fusedloss.linear_cross_entropy`.
       shift: as in :func:`~fusedloss.linear_cross_entropy`; with a data axis of
         size > 1 it needs ``x`` of shape ``[B, T, D]`` (the shifted axis ``T`` is
         not the split one).
-      implementation, config: the per-device statistics core, as in
+      implementation: the per-device statistics core, as in
         :func:`vocab_parallel_linear_cross_entropy`.
+      config: that core's config, as in :func:`vocab_parallel_linear_cross_entropy`.
 
     Returns:
       The loss (``labels``' shape for ``"none"``, split over ``data_axis``, else a
@@ -988,12 +996,21 @@ def sharded_linear_log_probs(
     outputs) equal :func:`~fusedloss.linear_log_probs` on one device.
 
     Args:
-      x, w, labels, bias, where, temperature, logit_softcap, return_entropy: as in
-        :func:`~fusedloss.linear_log_probs`.
-      mesh, data_axis, model_axis: as in :func:`sharded_linear_cross_entropy`.
+      x: as in :func:`~fusedloss.linear_log_probs`.
+      w: as in :func:`~fusedloss.linear_log_probs`.
+      labels: as in :func:`~fusedloss.linear_log_probs`.
+      bias: as in :func:`~fusedloss.linear_log_probs`.
+      where: as in :func:`~fusedloss.linear_log_probs`.
+      temperature: as in :func:`~fusedloss.linear_log_probs`.
+      logit_softcap: as in :func:`~fusedloss.linear_log_probs`.
+      return_entropy: as in :func:`~fusedloss.linear_log_probs`.
+      mesh: as in :func:`sharded_linear_cross_entropy`.
+      data_axis: as in :func:`sharded_linear_cross_entropy`.
+      model_axis: as in :func:`sharded_linear_cross_entropy`.
       shift: as in :func:`~fusedloss.linear_log_probs`; with a data axis of size > 1
         it needs ``x`` of shape ``[B, T, D]``.
-      implementation, config: the per-device statistics core.
+      implementation: the per-device statistics core.
+      config: that core's config (e.g. an :class:`~fusedloss.XlaConfig`).
 
     Returns:
       float32 log-probabilities with the (shifted) shape of ``labels``, split over
@@ -1055,12 +1072,23 @@ def sharded_linear_topk_distillation_loss(
     the weighted mean over the included tokens of the whole mesh.
 
     Args:
-      x, w, teacher_ids, teacher_log_probs, temperature, bias, logit_softcap, where,
-        weights, reduction: as in :func:`~fusedloss.linear_topk_distillation_loss`.
-      mesh, data_axis, model_axis: as in :func:`sharded_linear_cross_entropy`.
+      x: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      w: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      teacher_ids: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      teacher_log_probs: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      temperature: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      bias: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      logit_softcap: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      where: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      weights: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      reduction: as in :func:`~fusedloss.linear_topk_distillation_loss`.
+      mesh: as in :func:`sharded_linear_cross_entropy`.
+      data_axis: as in :func:`sharded_linear_cross_entropy`.
+      model_axis: as in :func:`sharded_linear_cross_entropy`.
       shift: as in :func:`~fusedloss.linear_topk_distillation_loss`; with a data
         axis of size > 1 it needs ``x`` of shape ``[B, T, D]``.
-      implementation, config: the per-device statistics core.
+      implementation: the per-device statistics core.
+      config: that core's config (e.g. an :class:`~fusedloss.XlaConfig`).
 
     Returns:
       The loss: per token (``x``'s dtype, split over ``data_axis``) for ``"none"``,
@@ -1132,13 +1160,30 @@ def sharded_linear_distillation_loss(
     :func:`~fusedloss.linear_distillation_loss` on one device.
 
     Args:
-      x, w, teacher_x, teacher_w, divergence, beta, temperature, bias, teacher_bias,
-        logit_softcap, teacher_logit_softcap, labels, hard_label_weight, ignore_index,
-        where, weights, reduction: as in :func:`~fusedloss.linear_distillation_loss`.
-      mesh, data_axis, model_axis: as in :func:`sharded_linear_cross_entropy`.
+      x: as in :func:`~fusedloss.linear_distillation_loss`.
+      w: as in :func:`~fusedloss.linear_distillation_loss`.
+      teacher_x: as in :func:`~fusedloss.linear_distillation_loss`.
+      teacher_w: as in :func:`~fusedloss.linear_distillation_loss`.
+      divergence: as in :func:`~fusedloss.linear_distillation_loss`.
+      beta: as in :func:`~fusedloss.linear_distillation_loss`.
+      temperature: as in :func:`~fusedloss.linear_distillation_loss`.
+      bias: as in :func:`~fusedloss.linear_distillation_loss`.
+      teacher_bias: as in :func:`~fusedloss.linear_distillation_loss`.
+      logit_softcap: as in :func:`~fusedloss.linear_distillation_loss`.
+      teacher_logit_softcap: as in :func:`~fusedloss.linear_distillation_loss`.
+      labels: as in :func:`~fusedloss.linear_distillation_loss`.
+      hard_label_weight: as in :func:`~fusedloss.linear_distillation_loss`.
+      ignore_index: as in :func:`~fusedloss.linear_distillation_loss`.
+      where: as in :func:`~fusedloss.linear_distillation_loss`.
+      weights: as in :func:`~fusedloss.linear_distillation_loss`.
+      reduction: as in :func:`~fusedloss.linear_distillation_loss`.
+      mesh: as in :func:`sharded_linear_cross_entropy`.
+      data_axis: as in :func:`sharded_linear_cross_entropy`.
+      model_axis: as in :func:`sharded_linear_cross_entropy`.
       shift: as in :func:`~fusedloss.linear_distillation_loss`; with a data axis of
         size > 1 it needs ``x`` of shape ``[B, T, D]``.
-      implementation, config: ``"xla"`` and its :class:`~fusedloss.XlaConfig`.
+      implementation: ``"xla"`` (the chunked core on every device).
+      config: its :class:`~fusedloss.XlaConfig`.
 
     Returns:
       The loss: per token (``x``'s dtype, split over ``data_axis``) for ``"none"``,
