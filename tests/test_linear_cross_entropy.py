@@ -664,3 +664,27 @@ def test_default_plan_no_regret_against_materialized(n, reduction, d, v):
     fused = _default_temp_bytes("xla", n, d, v, reduction)
     materialized = _default_temp_bytes("reference", n, d, v, reduction)
     assert fused <= materialized + 2 * MiB, (fused / MiB, materialized / MiB)
+
+
+def test_pallas_tpu_reads_an_unaligned_kernel_through_its_transpose():
+    """A [D, V] kernel whose V is no multiple of 128 (a vocabulary shard of 32064
+    columns; here V = 203, D = 128) is read by the TPU kernels as its [V, D] transpose:
+    the plan says so, and loss and gradients equal the float64 oracle."""
+    from fusedloss.heads import pallas_tpu
+    from fusedloss.heads._engine import Hyper, Problem
+    from fusedloss.heads._targets import Target
+
+    x, w, labels, kw = make_inputs(17, lead=(40,), d=128, v=203, features=FEATURES["all"])
+    cfg = fusedloss.PallasTpuConfig(block_tokens=16, block_vocab=128, interpret=True)
+    problem = Problem(40, 128, 203, jnp.float32, False, False, Hyper())
+    assert pallas_tpu.plan(cfg, problem, Target("tpu")).flip
+    assert not pallas_tpu.plan(cfg, problem._replace(v=256), Target("tpu")).flip
+
+    def loss(x, w, b):
+        return call("pallas_tpu", cfg, x, w, jnp.asarray(labels), **{**kw, "bias": b})
+
+    args = (jnp.asarray(x), jnp.asarray(w), jnp.asarray(kw["bias"]))
+    value, grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(*args)
+    np.testing.assert_allclose(float(value), oracle(x, w, labels, **kw), rtol=1e-5)
+    for g, want in zip(grads, oracle_grads(x, w, labels, kw, (0, 1, 2)), strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

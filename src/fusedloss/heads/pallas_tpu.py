@@ -154,6 +154,10 @@ class _Plan(NamedTuple):
     vmem_limit_bytes: int
     interpret: Any
     w_vd: bool = False  # w is held as its [V, D] transpose (tied embeddings)
+    # A [D, V] w read through its transpose: XLA:TPU stores a [D, V] array whose V is
+    # no multiple of 128 (a vocabulary shard of 32064 columns) column-major, i.e. as
+    # its row-major [V, D] transpose, which the kernels then read without a copy.
+    flip: bool = False
 
 
 def _vmem_estimate(bt: int, bv: int, d: int, itemsize: int) -> int:
@@ -431,7 +435,13 @@ def _head(x, w, bias, st: _Static, token_axis: int):
     return args, specs, row_spec
 
 
+def _flipped(w, plan: _Plan):
+    """(w as the kernels read it, their plan): ``[V, D]`` when ``plan.flip``."""
+    return (w.T, plan._replace(w_vd=True, flip=False)) if plan.flip else (w, plan)
+
+
 def _forward(x, w, bias, labels, hp: Hyper, plan: _Plan) -> TokenStats:
+    w, plan = _flipped(w, plan)
     st = _static(x, w, bias, hp, plan)
     nt, nv = cdiv(st.n, st.bt), cdiv(st.v, st.bv)
     args, specs, row_spec = _head(x, w, bias, st, 0)
@@ -463,6 +473,8 @@ def _forward(x, w, bias, labels, hp: Hyper, plan: _Plan) -> TokenStats:
 
 
 def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
+    flip = plan.flip
+    w, plan = _flipped(w, plan)
     st = _static(x, w, bias, hp, plan)
     n, d, v = st.n, st.d, st.v
     nt, nv = cdiv(n, st.bt), cdiv(v, st.bv)
@@ -503,7 +515,7 @@ def _backward(x, w, bias, labels, valid, lse, cts, hp: Hyper, plan: _Plan):
         ("parallel", "arbitrary"),
         "fusedloss_lce_bwd_dw",
     )(*args, *rows)
-    return dx, dw, None if bias is None else db[0]
+    return dx, dw.T if flip else dw, None if bias is None else db[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -521,4 +533,5 @@ def plan(config: PallasTpuConfig | None, problem: Problem, target: Target) -> _P
     config = PallasTpuConfig() if config is None else config
     require_kernel_support("pallas_tpu", "tpu", config.interpret is not False, problem, target)
     p = config.resolve(problem.n, problem.d, problem.v, problem.dtype, target)
-    return p._replace(w_vd=problem.w_vd)
+    flip = not problem.w_vd and problem.v % 128 != 0 and problem.d % 128 == 0
+    return p._replace(w_vd=problem.w_vd, flip=flip)
