@@ -343,10 +343,10 @@ def policy_gradient_loss(
       >>> lp = jnp.log(jnp.array([[0.5, 0.25, 0.1], [0.2, 0.4, 0.9]]))
       >>> adv = jnp.array([1.0, -1.0])
       >>> mask = jnp.array([[True, True, False], [True, True, True]])
-      >>> loss = fusedloss.policy_gradient_loss(lp, adv, where=mask)
-      >>> print(loss)  # on-policy: ratio 1, -(mean A) over rows
-      0.0
-      >>> g = jax.grad(lambda lp: fusedloss.policy_gradient_loss(lp, adv, where=mask))(lp)
+      >>> loss_fn = jax.jit(lambda lp: fusedloss.policy_gradient_loss(lp, adv, where=mask))
+      >>> print(f"{float(loss_fn(lp)):.4f}")  # on-policy: ratio 1, -(mean A) over rows
+      0.0000
+      >>> g = jax.jit(jax.grad(loss_fn))(lp)
       >>> print(g)  # -A / (2 n_b): the REINFORCE gradient, per row's token mean
       [[-0.25       -0.25        0.        ]
        [ 0.16666667  0.16666667  0.16666667]]
@@ -594,13 +594,17 @@ def linear_policy_gradient_loss(
       >>> w = jax.random.normal(kw, (16, 500)) / 4
       >>> tokens = jax.random.randint(kt, (4, 6), 0, 500)
       >>> adv = jax.random.normal(ka, (4,))
-      >>> loss, aux = fusedloss.linear_policy_gradient_loss(
-      ...     x, w, tokens, adv, temperature=0.9, loss_type="dapo",
-      ...     epsilon_high=0.28, entropy_coef=1e-3, return_aux=True)
-      >>> lp, ent = fusedloss.linear_log_probs(x, w, tokens, temperature=0.9,
-      ...                                      return_entropy=True)
-      >>> want = fusedloss.policy_gradient_loss(lp, adv, entropy=ent,
-      ...     loss_type="dapo", epsilon_high=0.28, entropy_coef=1e-3)
+      >>> @jax.jit
+      ... def both(x, w):
+      ...     loss, aux = fusedloss.linear_policy_gradient_loss(
+      ...         x, w, tokens, adv, temperature=0.9, loss_type="dapo",
+      ...         epsilon_high=0.28, entropy_coef=1e-3, return_aux=True)
+      ...     lp, ent = fusedloss.linear_log_probs(x, w, tokens, temperature=0.9,
+      ...                                          return_entropy=True)
+      ...     want = fusedloss.policy_gradient_loss(lp, adv, entropy=ent,
+      ...         loss_type="dapo", epsilon_high=0.28, entropy_coef=1e-3)
+      ...     return loss, want, aux
+      >>> loss, want, aux = both(x, w)
       >>> bool(jnp.allclose(loss, want)), float(aux.ratio_mean)
       (True, 1.0)
     """
