@@ -177,8 +177,9 @@ def preference_loss(
         ``ref_rejected_logps``; Liger ``ref_chosen_logps``/``ref_rejected_logps``].
       loss_type: see the module's table [TRL/Liger ``loss_type``; TRL CPO
         ``loss_type="simpo"``].
-      beta: ``> 0`` temperature of the implicit reward [``beta``; ORPO's ``lambda``
-        is TRL's and Tunix's ``beta``].
+      beta: ``> 0`` temperature of the implicit reward; for ORPO the paper's
+        ``lambda`` [``beta``; TRL ``ORPOConfig.beta``; Tunix ``lambda_orpo``, whose
+        ORPO is a sigmoid of the summed log-prob difference, not the odds ratio].
       label_smoothing: ``eps`` in ``[0, 0.5)``, the assumed rate of flipped labels
         [``label_smoothing``].
       gamma: SimPO's target margin [TRL ``simpo_gamma`` is ``gamma / beta``; Liger
