@@ -69,7 +69,7 @@ PG_CASES = {
     ),
     "dapo_clip_higher_is_weights_k1_clamp": (
         dict(loss_type="dapo", epsilon_high=0.28, beta=0.1, kl_estimator="k1", kl_clamp=0.05),
-        dict(old=True, ref="head", isw=True, adv="seq"),
+        dict(old=True, ref="head_same_w", isw=True, adv="seq"),
     ),
     "dr_grpo_on_policy_k2": (
         dict(loss_type="dr_grpo", beta=0.2, kl_estimator="mse_kl"),
@@ -132,10 +132,15 @@ def _pg_data(seed, data):
         d["sft"] = _mask([2, 0, 4, 0], T, rng)
     if data.get("ref") == "given":
         d["ref"] = nan_out(lp_true + 0.2 * rng.normal(size=(B, T)))
-    elif data.get("ref") == "head":
+    elif data.get("ref", "").startswith("head"):
+        # "head_same_w": the reference head is the trained w itself (e.g. the policy at
+        # the start of training): the frozen call must give it no gradient.
         d["ref_x"] = (x + 0.1 * rng.normal(size=x.shape)).astype(np.float32)
         d["ref_w"] = (w + 0.1 * rng.normal(size=w.shape)).astype(np.float32)
-        d["ref"] = oracles.pt_head_log_probs(d["ref_x"], d["ref_w"], None, tokens, temp)[0]
+        if data["ref"] == "head_same_w":
+            d["ref_w"] = None
+        ref_w = w if d["ref_w"] is None else d["ref_w"]
+        d["ref"] = oracles.pt_head_log_probs(d["ref_x"], ref_w, None, tokens, temp)[0]
     return d
 
 
@@ -156,9 +161,10 @@ def _pg_case(name):
         kw["ref_log_probs"] = d["ref"]
 
     def f(x, w, bias):
+        ref_w = {"ref_w": w} if kw.get("ref_w", 0) is None else {}
         return fusedloss.linear_policy_gradient_loss(
             x, w, d["tokens"], d["adv"], bias=bias, where=d["mask"],
-            temperature=d["temperature"], **kw,
+            temperature=d["temperature"], **{**kw, **ref_w},
         )  # fmt: skip
 
     oracle_kw = {_PG_ORACLE_NAMES[k]: v for k, v in options.items()}
@@ -287,21 +293,23 @@ def _pref_case(name):
 
 
 def _kto_case(variant):
-    rng = np.random.default_rng(11 if variant == "kl_rows" else 12)
+    rng = np.random.default_rng(len(variant))
     x, w, bias, tokens = _head(rng, 6, TP)
     mask = _mask([5, 2, 0, 4, 3, 5], TP, rng)
     desirable = np.array([True, False, True, False, True, False])
     ref = rng.uniform(-14, -4, size=(6,)).astype(np.float32)
     frozen, _ = oracles.pt_head_log_probs(x, w, bias, tokens)
     kw = dict(beta=0.4, desirable_weight=1.3, undesirable_weight=0.7)
-    if variant == "kl_rows":
+    if variant.startswith("kl_rows"):
         kl_rows = np.array([False, False, False, False, True, True])
         extra, oracle_extra = dict(kl_rows=kl_rows), dict(kl_rows=kl_rows)
-        # a positive baseline, so that it matters
+        # a positive mean log-ratio (the baseline), or a negative one (baseline 0)
         s = np.where(mask, frozen, 0.0).sum(-1)
-        ref[4:] = s[4:] - rng.uniform(1.0, 3.0, size=2)
+        sign = -1.0 if variant.endswith("negative") else 1.0
+        ref[4:] = s[4:] - sign * rng.uniform(1.0, 3.0, size=2)
     else:
-        extra, oracle_extra = dict(kl_baseline=np.float32(2.5)), dict(kl_baseline=2.5)
+        # a negative estimate: the baseline is its positive part, 0
+        extra, oracle_extra = dict(kl_baseline=np.float32(-1.5)), dict(kl_baseline=-1.5)
 
     def f(x, w, bias):
         return fusedloss.linear_kto_loss(
@@ -318,7 +326,8 @@ def _kto_case(variant):
 
 def test_preference_and_kto_match_oracle():
     cases = {name: _pref_case(name) for name in PREF_CASES}
-    cases.update({f"kto_{v}": _kto_case(v) for v in ("kl_rows", "kl_baseline")})
+    kto = ("kl_rows", "kl_rows_negative", "kl_baseline")
+    cases.update({f"kto_{v}": _kto_case(v) for v in kto})
     args = [(d["x"], d["w"], d["bias"]) for _, _, d in cases.values()]
     outs = _values_and_grads([f for f, _, _ in cases.values()], args)
     for (name, (_, oracle, d)), (value, grads) in zip(cases.items(), outs, strict=True):
