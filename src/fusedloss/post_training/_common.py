@@ -14,6 +14,10 @@ from fusedloss.heads.log_probs import linear_log_probs
 from fusedloss.heads.sharded import sharded_linear_log_probs
 from fusedloss.heads.transposed import Transposed
 
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+Head = jax.typing.ArrayLike | Transposed  # a [D, V] kernel or a tied [V, D] embedding
+
 
 def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den``, and 0 (no NaN, no gradient) where ``den`` is 0."""
@@ -144,8 +148,3 @@ def check_reference_head(ref_x, ref_w, given, given_name: str) -> bool:
             f"Give either `{given_name}` or a reference head (`ref_x`, `ref_w`), not both."
         )
     return ref_x is not None
-
-
-Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
-Head = jax.typing.ArrayLike | Transposed
