@@ -145,3 +145,25 @@ def test_distill_lm_fused_and_materialized_agree(train_lm, tmp_path):
     assert f"{fused['temp_bytes']:,}" in text and "KL(teacher" in text
     if out["png"] is not None:
         assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grpo_lm_fused_and_materialized_agree(tmp_path):
+    example = load_example("grpo_lm")
+    out = example.main(["--quick", "--no-checks", "--out", str(tmp_path), "--quiet"])
+    fused, mat = out["fused"], out["materialized"]
+    # The independent runs agree to float32 rounding: same samples, same rewards, same
+    # losses (the check at the same parameters is skipped: one compile less).
+    assert out["agreement"]["runs_agree_steps"] == len(fused["reward"]) == 3
+    np.testing.assert_allclose(fused["loss"], mat["loss"], rtol=1e-4, atol=1e-7)
+    # The rewards are the script's own: in [0, 1], and the sampled batches hold digits.
+    assert all(0.0 <= r <= 1.0 for r in fused["reward"]) and max(fused["reward"]) > 0
+    # Off-policy updates: the second update of each batch sees a ratio away from 1.
+    assert max(fused["ratio_max"]) > 1.0
+    # 96 x 512 float32 logits (192 KiB): the materialized step holds them (and their
+    # softmax), the fused one 0.05 MiB blocks.
+    assert mat["temp_bytes"] > 96 * 512 * 4
+    assert fused["temp_bytes"] < 0.5 * mat["temp_bytes"]
+    text = out["results_md"].read_text()
+    assert f"{fused['temp_bytes']:,}" in text and "compiled temporaries" in text
+    if out["png"] is not None:
+        assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

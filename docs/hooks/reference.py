@@ -23,6 +23,7 @@ from mkdocs.structure.files import File, Files
 SUBMODULES = [
     "fusedloss.objectives",
     "fusedloss.flax_heads",
+    "fusedloss.post_training",
 ]
 
 # The page of a top-level name, by the module that defines it (the longest matching

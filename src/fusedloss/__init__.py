@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from fusedloss import objectives as objectives
+from fusedloss import post_training as post_training
 from fusedloss._reduce import reduce_loss as reduce_loss
 from fusedloss._softmax_ce import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
@@ -55,6 +56,17 @@ from fusedloss.heads.xla import XlaConfig as XlaConfig
 from fusedloss.objectives import accumulate_gradients as accumulate_gradients
 from fusedloss.objectives import causal_lm_objective as causal_lm_objective
 from fusedloss.objectives import classification_objective as classification_objective
+from fusedloss.post_training import KTOAux as KTOAux
+from fusedloss.post_training import PolicyGradientAux as PolicyGradientAux
+from fusedloss.post_training import PreferenceAux as PreferenceAux
+from fusedloss.post_training import aggregate_loss as aggregate_loss
+from fusedloss.post_training import kl_penalty as kl_penalty
+from fusedloss.post_training import kto_loss as kto_loss
+from fusedloss.post_training import linear_kto_loss as linear_kto_loss
+from fusedloss.post_training import linear_policy_gradient_loss as linear_policy_gradient_loss
+from fusedloss.post_training import linear_preference_loss as linear_preference_loss
+from fusedloss.post_training import policy_gradient_loss as policy_gradient_loss
+from fusedloss.post_training import preference_loss as preference_loss
 from fusedloss.regression import absolute_error as absolute_error
 from fusedloss.regression import cosine_distance as cosine_distance
 from fusedloss.regression import cosine_similarity as cosine_similarity
@@ -70,14 +82,18 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "KTOAux",
     "LinearCrossEntropyAux",
     "LinearDistillationAux",
     "PallasGpuConfig",
     "PallasTpuConfig",
+    "PolicyGradientAux",
+    "PreferenceAux",
     "Transposed",
     "XlaConfig",
     "absolute_error",
     "accumulate_gradients",
+    "aggregate_loss",
     "causal_lm_objective",
     "classification_objective",
     "cosine_distance",
@@ -88,11 +104,16 @@ __all__ = [
     "jensen_shannon_divergence",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "kl_penalty",
+    "kto_loss",
     "l2_loss",
     "l2_regularization",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "linear_kto_loss",
     "linear_log_probs",
+    "linear_policy_gradient_loss",
+    "linear_preference_loss",
     "linear_topk_distillation_loss",
     "log_cosh",
     "multiclass_hinge_loss",
@@ -102,7 +123,10 @@ __all__ = [
     "objectives",
     "perceptron_loss",
     "perplexity",
+    "policy_gradient_loss",
     "poly_loss_cross_entropy",
+    "post_training",
+    "preference_loss",
     "reduce_loss",
     "safe_softmax_cross_entropy",
     "sharded_linear_cross_entropy",
