@@ -78,6 +78,9 @@ def topk_kl(log_ps, teacher_log_probs):
 def topk_loss_from_stats(stats: TokenStats, tokens: Tokens, ids, teacher_log_probs, vocab_size):
     """The coef-weighted per-token top-K loss ``[N]`` from the student's statistics at
     the ``[N, K]`` ``ids`` (shared with the sharded call)."""
+    # An excluded token's log-probabilities (NaN or inf included) are replaced before
+    # the KL: its cotangent is 0, but 0 times a non-finite weight would still be NaN.
+    teacher_log_probs = jnp.where(tokens.valid[:, None], teacher_log_probs, 0.0)
     kl = topk_kl(stats.label_logit - stats.lse[:, None], teacher_log_probs)
     bad = jnp.any(~_ce_math.label_in_range(ids, vocab_size), axis=-1)
     return jnp.where(tokens.valid, jnp.where(bad, jnp.nan, kl) * tokens.coef, 0.0)
