@@ -1,8 +1,12 @@
-"""``linear_distillation_loss`` against a float64 oracle written here (both heads'
-logits materialized in ``jnp`` under x64, the divergences from their definitions,
-sharing nothing with the library): values, gradients for arbitrary per-token
-cotangents, every strategy, clamped chunks; the teacher gets no gradient; checks,
-bad labels, empty batches, bf16 and the memory contract at real heads."""
+"""``linear_distillation_loss`` against float64 oracles sharing nothing with the
+library: one written here (both heads' logits materialized in ``jnp`` under x64, the
+divergences from their definitions, differentiated by JAX) and the NumPy one of
+``tests/oracles.py`` (closed-form gradients). Values, aux outputs, gradients for
+arbitrary per-token cotangents; every strategy x divergence x hard-label weight x
+temperature; layouts, biases and softcaps crossed between the heads; clamped chunks;
+no gradient to the constants, in both modes; vmap; checks at any position, bad
+labels, empty batches, the bf16 error budget, the default plan and the memory
+contract at real heads."""
 
 from __future__ import annotations
 
@@ -89,14 +93,14 @@ ALL = dict(beta=0.3, temperature=1.7, cap=6.0, teacher_cap=5.0, bias=True, teach
 # recompute each meet every divergence; every feature at once in most cases.
 CASES = [
     # (implementation, divergence, reduction, features)
-    *[("reference", d, r, ALL) for d, r in (("forward_kl", "mean"), ("reverse_kl", "sum"))],
+    # (Every strategy meets every divergence, hard-label weight and temperature in
+    # test_every_divergence_weight_and_temperature_with_aux_match_oracle.)
     ("reference", "jsd", "none", ALL),
     ("materialized", "reverse_kl", "mean", ALL),
     ("grad_in_forward", "forward_kl", "mean", ALL),
     ("grad_in_forward", "jsd", "sum", dict(beta=0.8)),
     ("grad_in_forward", "reverse_kl", "sum", ALL),
     *[("recompute", d, "none", ALL) for d in ("forward_kl", "reverse_kl", "jsd")],
-    ("recompute", "reverse_kl", "sum", dict(temperature=0.5)),
     ("recompute", "forward_kl", "mean", dict(labels=True, a=1.0)),
 ]
 
@@ -171,22 +175,6 @@ def test_tied_embeddings_of_both_heads():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(gx, wx, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(ge, ww.T, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("impl", ["grad_in_forward", "recompute"])
-def test_no_gradient_flows_to_the_teacher(impl):
-    arr = make(12)
-    name, cfg = IMPLS[impl]
-
-    def f(xt, wt, tb):
-        return linear_distillation_loss(
-            arr["x"], arr["w"], xt, wt, teacher_bias=tb, divergence="reverse_kl",
-            implementation=name, config=cfg,
-        )  # fmt: skip
-
-    grads = jax.jit(jax.grad(f, (0, 1, 2)))(arr["xt"], arr["wt"], arr["teacher_bias"])
-    assert all(not np.any(np.asarray(g)) for g in grads)
-    assert np.isfinite(jax.jit(f)(arr["xt"], arr["wt"], arr["teacher_bias"]))
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
