@@ -703,7 +703,7 @@ def test_vmap_over_a_middle_axis_forward_and_reverse():
     arr = small_inputs(71, n=N_S * nb)
     x = arr["x"].reshape(N_S, nb, D_S)
     xt = arr["xt"].reshape(N_S, nb, DT_S)
-    labels = jnp.asarray(arr["labels"].reshape(N_S, nb) % V_S)
+    labels = arr["labels"].reshape(N_S, nb) % V_S  # NumPy, batched by vmap
     rng = np.random.default_rng(72)
     tx, tw = rng.normal(size=x.shape).astype(np.float32), rng.normal(size=arr["w"].shape)
     tw = tw.astype(np.float32)
@@ -731,7 +731,7 @@ def test_vmap_over_a_middle_axis_forward_and_reverse():
         want_dw = 0.0
         for b in range(nb):
             want = distill_teacher_head_oracle(
-                x[:, b], arr["w"], xt[:, b], arr["wt"], **{**kw, "labels": np.asarray(labels[:, b])}
+                x[:, b], arr["w"], xt[:, b], arr["wt"], **{**kw, "labels": labels[:, b]}
             )  # fmt: skip
             np.testing.assert_allclose(loss[b], want["loss"], rtol=1e-5)
             t_want = np.sum(want["dx"] * tx[:, b]) + np.sum(want["dw"] * tw)

@@ -703,6 +703,10 @@ def distillation_losses(
     the recompute strategy runs, whatever the plan."""
     name, plan = choice
     teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
+    # Excluded tokens' labels (any value) are not looked at. This is also an op on the
+    # labels before the custom_jvp rules: under vmap, a caller's NumPy labels would
+    # otherwise reach them as a raw, non-canonical constant.
+    labels = jnp.where(valid, labels, 0)
     if student.x.shape[0] == 0:
         empty = jnp.zeros((0,), _ce_math.acc_dtype(student.x.dtype))
         return empty, empty, None
