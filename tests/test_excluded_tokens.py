@@ -130,6 +130,8 @@ def test_cross_entropy(impl, cfg):
 LOGP_CASES = [
     pytest.param("reference", None, id="reference"),
     pytest.param("xla", XlaConfig(strategy="recompute", **CHUNKS), id="xla-recompute"),
+    # The kernels serve log-probs at temperature 1 without entropy.
+    *[pytest.param(i, c, id=n) for n, i, c in IMPL_CASES if i.startswith("pallas")],
 ]
 
 
@@ -138,17 +140,26 @@ def test_log_probs_and_entropy(impl, cfg):
     arr, kept, x_excl = poisoned_inputs(2)
     r = removed(arr, kept)
     ct = np.random.default_rng(3).normal(size=(2, B, S - SHIFT)).astype(np.float32)
-    kw = dict(implementation=impl, config=cfg, temperature=0.8, return_entropy=True)
+    kernel = impl.startswith("pallas")
+    kw = dict(implementation=impl, config=cfg, temperature=1.0 if kernel else 0.8)
     keep = arr["where"] & (arr["labels"] != -100)  # no ignore_index here
+
+    def linear_log_probs_and_entropy(*a, **k):
+        if kernel:
+            lp = linear_log_probs(*a, **k)
+            return lp, jnp.zeros_like(lp)
+        return linear_log_probs(*a, return_entropy=True, **k)
 
     @jax.jit
     def run(x, w, b):
         def f(x, w, b):
-            lp, ent = linear_log_probs(x, w, arr["labels"], bias=b, where=keep, shift=SHIFT, **kw)
+            lp, ent = linear_log_probs_and_entropy(
+                x, w, arr["labels"], bias=b, where=keep, shift=SHIFT, **kw
+            )
             return jnp.sum(lp * ct[0] + ent * ct[1]), (lp, ent)
 
         def g(x, w, b):
-            lp, ent = linear_log_probs(x, w, r["labels"], bias=b, **kw)
+            lp, ent = linear_log_probs_and_entropy(x, w, r["labels"], bias=b, **kw)
             return jnp.sum(lp * ct[0][kept] + ent * ct[1][kept]), (lp, ent)
 
         vg = lambda fn, x: jax.value_and_grad(fn, (0, 1, 2), has_aux=True)(x, w, b)
