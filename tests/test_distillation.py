@@ -167,3 +167,109 @@ def test_memory_topk_64_at_llama3_8b_head_within_cross_entropy():
     )  # fmt: skip
     ce = temp(lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y), xs, ws, s((n,), jnp.int32))
     assert topk <= ce, (topk / 2**20, ce / 2**20)
+
+
+XLA_SMALL = XlaConfig(strategy="recompute", token_chunk=16, vocab_chunk=48)
+
+
+def test_bf16_gradients_within_the_materialized_error_budget():
+    """bf16 student: ``dx`` and ``dw`` (over 32 token blocks) no further from the
+    float64 oracle than the materialized bf16 computation's."""
+    from oracles import assert_within_error_budget, distill_topk_oracle
+
+    x, w, _, ids, tlp, where, _ = make(41, lead=(512,), d=16, v=64, k=6)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    kw = dict(temperature=1.5, where=where)
+
+    def grads(impl, cfg):
+        f = lambda x, w: linear_topk_distillation_loss(
+            x, w, ids, tlp, implementation=impl, config=cfg, **kw
+        )
+        gx, gw = jax.jit(jax.grad(f, (0, 1)))(xb, wb)
+        assert gx.dtype == gw.dtype == jnp.bfloat16
+        return gx, gw
+
+    want = distill_topk_oracle(
+        np.asarray(xb, np.float64), np.asarray(wb, np.float64), ids, tlp, temperature=1.5,
+        valid=where,
+    )  # fmt: skip
+    fused, naive = grads("xla", XLA_SMALL), grads("reference", None)
+    for nm, got, base in zip(("dx", "dw"), fused, naive, strict=True):
+        assert_within_error_budget(nm, got, base, want[nm])
+
+
+def test_eager_id_checks_find_any_position():
+    """A repeated id at two non-adjacent inner slots of a random inner token, and an
+    out-of-range id at a random inner slot of another, are each reported with their
+    token; excluded tokens are not checked."""
+    rng = np.random.default_rng(43)
+    x, w, _, ids, tlp, _, _ = make(44, lead=(9,), k=8)
+    tok_dup, tok_bad = (int(t) for t in rng.choice(np.arange(1, 8), size=2, replace=False))
+    i, j = 1 + int(rng.integers(0, 2)), 4 + int(rng.integers(0, 3))  # slots 1-2 and 4-6
+    dup = ids.copy()
+    dup[tok_dup, j] = dup[tok_dup, i]
+    with pytest.raises(ValueError, match=rf"distinct per token; token {tok_dup} \(flattened\)"):
+        linear_topk_distillation_loss(x, w, dup, tlp)
+    bad = ids.copy()
+    bad[tok_bad, j] = 97 + int(rng.integers(0, 9))
+    msg = rf"`teacher_ids` must lie in \[0, 97\); got {bad[tok_bad, j]} at index \({tok_bad}, {j}\)"
+    with pytest.raises(ValueError, match=msg):
+        linear_topk_distillation_loss(x, w, bad, tlp)
+    where = np.ones(9, bool)
+    where[[tok_dup, tok_bad]] = False
+    both = np.where(np.arange(9)[:, None] == tok_dup, dup, bad)
+    assert np.isfinite(linear_topk_distillation_loss(x, w, both, tlp, where=where))
+
+
+def test_vmap_over_a_middle_axis_and_constants_in_both_modes():
+    """``vmap`` over axis 1 (token-major sequences) under ``jvp`` and ``grad`` equals
+    the oracle per sequence; the teacher's log-probabilities and the weights get zero
+    gradients and tangents."""
+    from oracles import distill_topk_oracle
+
+    nb = 3
+    x, w, _, ids, tlp, _, weights = make(45, lead=(11, nb), d=16, v=97, k=5)
+    rng = np.random.default_rng(46)
+    tx, tw = rng.normal(size=x.shape).astype(np.float32), rng.normal(size=w.shape)
+    tw = tw.astype(np.float32)
+    seq_w = rng.uniform(0.5, 1.5, nb).astype(np.float32)
+    ids_j = jnp.asarray(ids)
+
+    @jax.jit
+    def run(x, w, tlp, weights):
+        one = lambda x, i, t, w: linear_topk_distillation_loss(
+            x, w, i, t, temperature=1.3, config=XLA_SMALL
+        )
+        batched = lambda x, w: jax.vmap(one, (1, 1, 1, None))(x, ids_j, tlp, w)
+        loss, tangent = jax.jvp(batched, (x, w), (tx, tw))
+        grads = jax.grad(lambda x, w: jnp.sum(batched(x, w) * seq_w), (0, 1))(x, w)
+        const = lambda t, wt: linear_topk_distillation_loss(
+            x, w, ids_j, t, weights=wt, temperature=1.3, config=XLA_SMALL
+        )
+        c_grads = jax.grad(const, (0, 1))(tlp, weights)
+        _, c_tan = jax.jvp(const, (tlp, weights), (jnp.ones_like(tlp), jnp.ones_like(weights)))
+        return loss, tangent, grads, c_grads, c_tan
+
+    loss, tangent, (gx, gw), c_grads, c_tan = run(x, w, tlp, weights)
+    want_dw = 0.0
+    for b in range(nb):
+        want = distill_topk_oracle(x[:, b], w, ids[:, b], tlp[:, b], temperature=1.3)
+        np.testing.assert_allclose(loss[b], want["loss"], rtol=1e-5)
+        t_want = np.sum(want["dx"] * tx[:, b]) + np.sum(want["dw"] * tw)
+        np.testing.assert_allclose(tangent[b], t_want, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(gx[:, b], seq_w[b] * want["dx"], rtol=1e-4, atol=1e-6)
+        want_dw = want_dw + seq_w[b] * want["dw"]
+    np.testing.assert_allclose(gw, want_dw, rtol=1e-4, atol=1e-5 * np.abs(want_dw).max())
+    assert all(not np.any(np.asarray(g)) for g in c_grads) and float(c_tan) == 0.0
+
+
+def test_default_plan_on_the_host_at_llama3_8b():
+    """K=64 at Llama-3-8B's head (N=8192, D=4096, V=128256) on the host: the chunked
+    xla core, recompute (per-token statistics), 4096-token blocks of 2048 columns."""
+    from fusedloss.heads._engine import Hyper, Problem
+    from fusedloss.heads._registry import choose_for
+
+    problem = Problem(8192, 4096, 128256, jnp.float32, False, True, Hyper(picked=64))
+    choice = choose_for(None, False, None, problem, None)
+    assert choice.name == "xla"
+    assert (choice.plan.strategy, choice.plan.tn, choice.plan.vc) == ("recompute", 4096, 2048)

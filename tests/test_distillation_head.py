@@ -1,8 +1,12 @@
-"""``linear_distillation_loss`` against a float64 oracle written here (both heads'
-logits materialized in ``jnp`` under x64, the divergences from their definitions,
-sharing nothing with the library): values, gradients for arbitrary per-token
-cotangents, every strategy, clamped chunks; the teacher gets no gradient; checks,
-bad labels, empty batches, bf16 and the memory contract at real heads."""
+"""``linear_distillation_loss`` against float64 oracles sharing nothing with the
+library: one written here (both heads' logits materialized in ``jnp`` under x64, the
+divergences from their definitions, differentiated by JAX) and the NumPy one of
+``tests/oracles.py`` (closed-form gradients). Values, aux outputs, gradients for
+arbitrary per-token cotangents; every strategy x divergence x hard-label weight x
+temperature; layouts, biases and softcaps crossed between the heads; clamped chunks;
+no gradient to the constants, in both modes; vmap; checks at any position, bad
+labels, empty batches, the bf16 error budget, the default plan and the memory
+contract at real heads."""
 
 from __future__ import annotations
 
@@ -89,14 +93,14 @@ ALL = dict(beta=0.3, temperature=1.7, cap=6.0, teacher_cap=5.0, bias=True, teach
 # recompute each meet every divergence; every feature at once in most cases.
 CASES = [
     # (implementation, divergence, reduction, features)
-    *[("reference", d, r, ALL) for d, r in (("forward_kl", "mean"), ("reverse_kl", "sum"))],
+    # (Every strategy meets every divergence, hard-label weight and temperature in
+    # test_every_divergence_weight_and_temperature_with_aux_match_oracle.)
     ("reference", "jsd", "none", ALL),
     ("materialized", "reverse_kl", "mean", ALL),
     ("grad_in_forward", "forward_kl", "mean", ALL),
     ("grad_in_forward", "jsd", "sum", dict(beta=0.8)),
     ("grad_in_forward", "reverse_kl", "sum", ALL),
     *[("recompute", d, "none", ALL) for d in ("forward_kl", "reverse_kl", "jsd")],
-    ("recompute", "reverse_kl", "sum", dict(temperature=0.5)),
     ("recompute", "forward_kl", "mean", dict(labels=True, a=1.0)),
 ]
 
@@ -171,22 +175,6 @@ def test_tied_embeddings_of_both_heads():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(gx, wx, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(ge, ww.T, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("impl", ["grad_in_forward", "recompute"])
-def test_no_gradient_flows_to_the_teacher(impl):
-    arr = make(12)
-    name, cfg = IMPLS[impl]
-
-    def f(xt, wt, tb):
-        return linear_distillation_loss(
-            arr["x"], arr["w"], xt, wt, teacher_bias=tb, divergence="reverse_kl",
-            implementation=name, config=cfg,
-        )  # fmt: skip
-
-    grads = jax.jit(jax.grad(f, (0, 1, 2)))(arr["xt"], arr["wt"], arr["teacher_bias"])
-    assert all(not np.any(np.asarray(g)) for g in grads)
-    assert np.isfinite(jax.jit(f)(arr["xt"], arr["wt"], arr["teacher_bias"]))
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
@@ -458,3 +446,328 @@ def test_hessian_matches_float64_oracle():
         got = jax.jit(jax.hessian(fused))(b)
         want = jax.hessian(lambda b: oracle(x, w, xt, wt, bias=b, **kw))(b)
         np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-12)
+
+
+# ---- every strategy x divergence x hard-label weight x temperature, aux included ------
+
+# 13 tokens in blocks of 8 and V = 37 in chunks of 16: clamped last chunks both ways.
+N_S, D_S, DT_S, V_S = 13, 16, 12, 37
+CHUNKS = dict(token_chunk=8, vocab_chunk=16)
+STRATEGIES = {
+    # (implementation, config, reduction): every reduction meets the aux outputs.
+    # ``reference`` runs the materialized strategy's code (the whole rows at once).
+    "materialized": ("xla", XlaConfig(strategy="materialized"), "sum"),
+    "grad_in_forward": ("xla", XlaConfig(strategy="grad_in_forward", **CHUNKS), "mean"),
+    "recompute": ("xla", XlaConfig(strategy="recompute", **CHUNKS), "none"),
+}
+COMBOS = [
+    (d, a, t) for d in ("forward_kl", "reverse_kl", "jsd") for a in (0.0, 0.35) for t in (1.0, 1.7)
+]
+
+
+def small_inputs(seed, n=N_S, d=D_S, dt=DT_S, v=V_S):
+    """Student and teacher heads whose normalizers differ (the teacher's logits are
+    scaled up and shifted by a bias), labels with an ignored token, ``where`` and
+    weights; the excluded tokens sit at random positions."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda *s, scale=1.0: (rng.normal(size=s) * scale).astype(np.float32)
+    labels = rng.integers(0, v, size=n).astype(np.int32)
+    pos = rng.choice(np.arange(1, n - 1), size=2, replace=False)
+    labels[pos[0]] = -100
+    where = np.ones(n, bool)
+    where[pos[1]] = False
+    return dict(
+        x=f32(n, d), w=f32(d, v, scale=1.0 / np.sqrt(d)), bias=f32(v, scale=0.5),
+        xt=f32(n, dt), wt=f32(dt, v, scale=3.0 / np.sqrt(dt)), teacher_bias=f32(v, scale=2.0),
+        labels=labels, where=where, weights=rng.uniform(0.5, 2.0, n).astype(np.float32),
+    )  # fmt: skip
+
+
+def assert_close_f32(name, got, want):
+    """float32 results of float64-exact formulas: rtol 1e-5 on values, gradients with
+    an absolute floor scaled by their largest entry (sums over V of float32 terms)."""
+    want = np.asarray(want, np.float64)
+    atol = 1e-5 * max(np.abs(want).max(), 1e-3)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64), want, rtol=1e-4, atol=atol, err_msg=name
+    )
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_every_divergence_weight_and_temperature_with_aux_match_oracle(strategy):
+    """Each strategy (one compiled program) meets every divergence with hard-label
+    weight 0 and > 0 at temperature 1 and not 1, the teacher's normalizer differing
+    from the student's; the aux terms (the cross-entropy included at weight 0),
+    counts and weight sums are checked as strictly as the loss and its gradients."""
+    from oracles import distill_teacher_head_oracle
+
+    arr = small_inputs(31 + len(strategy))
+    impl, cfg, reduction = STRATEGIES[strategy]
+    ct = np.random.default_rng(5).normal(size=N_S).astype(np.float32)
+
+    @jax.jit
+    def run(x, w, b):
+        outs = []
+        for div, a, t in COMBOS:
+
+            def f(x, w, b, div=div, a=a, t=t):
+                loss, aux = linear_distillation_loss(
+                    x, w, arr["xt"], arr["wt"], divergence=div, beta=0.3, temperature=t,
+                    bias=b, teacher_bias=arr["teacher_bias"], labels=arr["labels"],
+                    hard_label_weight=a, ignore_index=-100, where=arr["where"],
+                    weights=arr["weights"], reduction=reduction, return_aux=True,
+                    implementation=impl, config=cfg,
+                )  # fmt: skip
+                return (jnp.sum(loss * ct) if reduction == "none" else loss), (loss, aux)
+
+            (_, (loss, aux)), g = jax.value_and_grad(f, (0, 1, 2), has_aux=True)(x, w, b)
+            outs.append((loss, aux, g))
+        return outs
+
+    outs = run(arr["x"], arr["w"], arr["bias"])
+    for (div, a, t), (loss, aux, grads) in zip(COMBOS, outs, strict=True):
+        want = distill_teacher_head_oracle(
+            arr["x"], arr["w"], arr["xt"], arr["wt"], divergence=div, beta=0.3, temperature=t,
+            bias=arr["bias"], teacher_bias=arr["teacher_bias"], labels=arr["labels"],
+            hard_label_weight=a, ignore_index=-100, valid=arr["where"], weights=arr["weights"],
+            reduction=reduction, cotangent=ct if reduction == "none" else None,
+        )  # fmt: skip
+        case = f"{strategy} {div} a={a} T={t}"
+        np.testing.assert_allclose(loss, want["loss"], rtol=1e-5, atol=1e-6, err_msg=case)
+        np.testing.assert_allclose(aux.divergence, want["divergence"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(aux.hard_loss, want["hard_loss"], rtol=1e-5, atol=1e-6)
+        assert int(aux.num_tokens) == want["num_tokens"], case
+        np.testing.assert_allclose(aux.weight_sum, want["weight_sum"], rtol=1e-6)
+        for nm, g in zip(("dx", "dw", "dbias"), grads, strict=True):
+            assert_close_f32(f"{case} {nm}", g, want[nm])
+        assert not np.any(np.asarray(grads[0])[~arr["where"] | (arr["labels"] == -100)])
+    assert outs[0][1].implementation == f"xla:{cfg.strategy}"
+
+
+# Each row crosses every two-way choice between the heads: over the four rows, the
+# (student, teacher) pair of each kind takes all four values, never in lockstep.
+PAIRS = [(False, False), (False, True), (True, False), (True, True)]
+LAYOUT_ROWS = [
+    dict(transposed=PAIRS[i], bias=PAIRS[(i + 1) % 4], softcap=PAIRS[(i + 2) % 4], div=d)
+    for i, d in enumerate(("forward_kl", "reverse_kl", "jsd", "reverse_kl"))
+]
+
+
+@pytest.mark.parametrize("strategy", ["materialized", "grad_in_forward", "recompute"])
+def test_layouts_biases_and_softcaps_crossed_between_heads(strategy):
+    """``Transposed`` or plain ``w``, a bias or none, a softcap or none: each chosen
+    independently for the student and the teacher, against the oracle (values, the
+    aux terms, ``dx``, ``dw`` in its stored layout, ``dbias``)."""
+    from oracles import distill_teacher_head_oracle
+
+    arr = small_inputs(47)
+    impl, cfg, reduction = STRATEGIES[strategy]
+    ct = np.random.default_rng(6).normal(size=N_S).astype(np.float32)
+    caps = (4.0, 3.0)
+
+    @jax.jit
+    def run(x, w, wt_t, b):
+        outs = []
+        for row in LAYOUT_ROWS:
+            (s_t, t_t), (s_b, t_b), (s_c, t_c) = row["transposed"], row["bias"], row["softcap"]
+
+            def f(x, w, b, row=row, s_t=s_t, t_t=t_t, s_b=s_b, t_b=t_b, s_c=s_c, t_c=t_c):
+                loss, aux = linear_distillation_loss(
+                    x, Transposed(w) if s_t else w, arr["xt"],
+                    Transposed(wt_t) if t_t else arr["wt"], divergence=row["div"],
+                    temperature=1.3, bias=b if s_b else None,
+                    teacher_bias=arr["teacher_bias"] if t_b else None,
+                    logit_softcap=caps[0] if s_c else None,
+                    teacher_logit_softcap=caps[1] if t_c else None, labels=arr["labels"],
+                    hard_label_weight=0.25, ignore_index=-100, where=arr["where"],
+                    weights=arr["weights"], reduction=reduction, return_aux=True,
+                    implementation=impl, config=cfg,
+                )  # fmt: skip
+                return (jnp.sum(loss * ct) if reduction == "none" else loss), (loss, aux)
+
+            w_in = w.T if s_t else w
+            (_, (loss, aux)), g = jax.value_and_grad(f, (0, 1, 2), has_aux=True)(x, w_in, b)
+            outs.append((loss, aux.divergence, aux.hard_loss, g))
+        return outs
+
+    outs = run(arr["x"], arr["w"], arr["wt"].T.copy(), arr["bias"])
+    for row, (loss, div, hard, (gx, gw, gb)) in zip(LAYOUT_ROWS, outs, strict=True):
+        (s_t, _), (s_b, t_b), (s_c, t_c) = row["transposed"], row["bias"], row["softcap"]
+        want = distill_teacher_head_oracle(
+            arr["x"], arr["w"], arr["xt"], arr["wt"], divergence=row["div"], temperature=1.3,
+            bias=arr["bias"] if s_b else None, teacher_bias=arr["teacher_bias"] if t_b else None,
+            softcap=caps[0] if s_c else None, teacher_softcap=caps[1] if t_c else None,
+            labels=arr["labels"], hard_label_weight=0.25, ignore_index=-100,
+            valid=arr["where"], weights=arr["weights"], reduction=reduction,
+            cotangent=ct if reduction == "none" else None,
+        )  # fmt: skip
+        case = f"{strategy} {row}"
+        np.testing.assert_allclose(loss, want["loss"], rtol=1e-5, atol=1e-6, err_msg=case)
+        np.testing.assert_allclose(div, want["divergence"], rtol=1e-5, atol=1e-6, err_msg=case)
+        np.testing.assert_allclose(hard, want["hard_loss"], rtol=1e-5, atol=1e-6, err_msg=case)
+        assert_close_f32(f"{case} dx", gx, want["dx"])
+        assert_close_f32(f"{case} dw", gw.T if s_t else gw, want["dw"])
+        assert_close_f32(f"{case} dbias", gb if s_b else np.zeros(V_S), want["dbias"] if s_b else 0)
+
+
+@pytest.mark.parametrize("strategy", ["grad_in_forward", "recompute"])
+def test_bf16_gradients_within_the_materialized_error_budget(strategy):
+    """bf16 heads: ``dx`` and ``dw`` (accumulated over 64 token blocks, where a bf16
+    accumulator would lose several units) are no further from the float64 oracle than
+    the materialized bf16 computation's."""
+    from oracles import assert_within_error_budget, distill_teacher_head_oracle
+
+    n, d, v = 512, 16, 64
+    arr = small_inputs(53, n=n, d=d, dt=DT_S, v=v)
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+    x, w, xt, wt = bf(arr["x"]), bf(arr["w"] * 4), bf(arr["xt"]), bf(arr["wt"])
+    kw = dict(divergence="jsd", temperature=1.5, labels=arr["labels"], hard_label_weight=0.3,
+              ignore_index=-100, where=arr["where"])  # fmt: skip
+
+    def grads(impl, cfg):
+        f = lambda x, w: linear_distillation_loss(
+            x, w, xt, wt, implementation=impl, config=cfg, **kw
+        )
+        gx, gw = jax.jit(jax.grad(f, (0, 1)))(x, w)
+        assert gx.dtype == gw.dtype == jnp.bfloat16
+        return gx, gw
+
+    cfg = XlaConfig(strategy=strategy, token_chunk=8, vocab_chunk=48)
+    f64 = lambda a: np.asarray(a, np.float64)
+    want = distill_teacher_head_oracle(
+        f64(x), f64(w), f64(xt), f64(wt), divergence="jsd", temperature=1.5,
+        labels=arr["labels"], hard_label_weight=0.3, ignore_index=-100, valid=arr["where"],
+    )  # fmt: skip
+    for nm, got, naive in zip(
+        ("dx", "dw"), grads("xla", cfg), grads("reference", None), strict=True
+    ):
+        assert_within_error_budget(f"{strategy} {nm}", got, naive, want[nm])
+
+
+def test_default_plan_on_the_host_at_llama3_8b():
+    """The planner's choice for a Llama-3-8B student (N=8192, D=4096, V=128256) on the
+    host: grad_in_forward for a reduced float32 loss, in token blocks half the
+    cross-entropy's (two heads' blocks and softmaxes are alive at once: 64 MiB of
+    float32 logits is 130 rows of V, aligned down to 128); recompute for per-token
+    losses and for bf16 (a float32 dw accumulator of 2 GiB exceeds the 1 GiB limit)."""
+    from fusedloss.heads import _distill
+    from fusedloss.heads._engine import Hyper, Problem
+    from fusedloss.heads.xla import plan as xla_plan
+
+    s = jax.ShapeDtypeStruct
+    n, d, v = 8192, 4096, 128256
+    dh = _distill.Distill("forward_kl", 0.5, 1.0, None, None, False, False, False)
+    head = lambda dt: _distill.Head(s((n, d), dt), s((d, v), dt), None)
+    name, plan = _distill.plan_for(None, None, head(jnp.float32), dh, needs_stats=False)
+    assert (name, plan.strategy, plan.tn, plan.vc_acc) == ("xla", "grad_in_forward", 128, 3968)
+    ce = xla_plan(None, Problem(n, d, v, jnp.float32, False, False, Hyper()), None)
+    assert (ce.strategy, ce.tn) == ("grad_in_forward", 256)
+    for dt, stats in ((jnp.float32, True), (jnp.bfloat16, False), (jnp.bfloat16, True)):
+        name, plan = _distill.plan_for(None, None, head(dt), dh, needs_stats=stats)
+        assert (name, plan.strategy, plan.tn, plan.vc) == ("xla", "recompute", 4096, 2048)
+    # The public call reports the same choice (traced only, nothing compiled).
+    f = lambda *a: linear_distillation_loss(*a, return_aux=True)[1]
+    args = s((n, d), jnp.float32), s((d, v), jnp.float32), s((n, 8192), jnp.float32)
+    aux = jax.eval_shape(f, *args, s((8192, v), jnp.float32))
+    assert aux.implementation == "xla:grad_in_forward"
+
+
+def test_eager_label_check_finds_any_position():
+    """An out-of-range label at a random inner position of a 2-D batch (not at the
+    ends, not beside another) is reported with its index; excluded tokens are not."""
+    rng = np.random.default_rng(61)
+    arr = make(62)
+    x, xt = arr["x"], arr["xt"]
+    labels = rng.integers(0, V, size=LEAD).astype(np.int32)
+    i, j = int(rng.integers(1, LEAD[0] - 1)), int(rng.integers(1, LEAD[1] - 1))
+    labels[i, j] = V + int(rng.integers(0, 5))
+    flat = i * LEAD[1] + j  # reported among the flattened tokens
+    msg = rf"`labels` must lie in \[0, {V}\); got {labels[i, j]} at index \({flat},\)"
+    with pytest.raises(ValueError, match=msg):
+        linear_distillation_loss(x, arr["w"], xt, arr["wt"], labels=labels, hard_label_weight=0.5)
+    where = np.ones(LEAD, bool)
+    where[i, j] = False
+    out = linear_distillation_loss(
+        x, arr["w"], xt, arr["wt"], labels=labels, hard_label_weight=0.5, where=where
+    )
+    assert np.isfinite(out)
+
+
+def test_vmap_over_a_middle_axis_forward_and_reverse():
+    """``vmap`` over axis 1 of ``x``, ``teacher_x`` and ``labels`` (a batch of
+    sequences stored token-major): per-sequence losses, ``jvp`` and ``grad`` of the
+    batched call equal the oracle's, on both chunked strategies."""
+    from oracles import distill_teacher_head_oracle
+
+    nb = 3
+    arr = small_inputs(71, n=N_S * nb)
+    x = arr["x"].reshape(N_S, nb, D_S)
+    xt = arr["xt"].reshape(N_S, nb, DT_S)
+    labels = arr["labels"].reshape(N_S, nb) % V_S  # NumPy, batched by vmap
+    rng = np.random.default_rng(72)
+    tx, tw = rng.normal(size=x.shape).astype(np.float32), rng.normal(size=arr["w"].shape)
+    tw = tw.astype(np.float32)
+    seq_w = rng.uniform(0.5, 1.5, nb).astype(np.float32)
+    kw = dict(divergence="reverse_kl", temperature=1.4, labels=None, hard_label_weight=0.4)
+
+    @jax.jit
+    def run(x, w):
+        outs = []
+        for strategy in ("grad_in_forward", "recompute"):
+            cfg = XlaConfig(strategy=strategy, **CHUNKS)
+
+            def one(x, xt, lab, w, cfg=cfg):
+                return linear_distillation_loss(
+                    x, w, xt, arr["wt"], config=cfg, **{**kw, "labels": lab}
+                )
+
+            batched = lambda x, w, one=one: jax.vmap(one, (1, 1, 1, None))(x, xt, labels, w)
+            loss, tangent = jax.jvp(batched, (x, w), (tx, tw))
+            grads = jax.grad(lambda x, w, b=batched: jnp.sum(b(x, w) * seq_w), (0, 1))(x, w)
+            outs.append((loss, tangent, grads))
+        return outs
+
+    for loss, tangent, (gx, gw) in run(x, arr["w"]):
+        want_dw = 0.0
+        for b in range(nb):
+            want = distill_teacher_head_oracle(
+                x[:, b], arr["w"], xt[:, b], arr["wt"], **{**kw, "labels": labels[:, b]}
+            )  # fmt: skip
+            np.testing.assert_allclose(loss[b], want["loss"], rtol=1e-5)
+            t_want = np.sum(want["dx"] * tx[:, b]) + np.sum(want["dw"] * tw)
+            np.testing.assert_allclose(tangent[b], t_want, rtol=1e-4, atol=1e-6)
+            assert_close_f32("dx", gx[:, b], seq_w[b] * want["dx"])
+            want_dw = want_dw + seq_w[b] * want["dw"]
+        assert_close_f32("dw", gw, want_dw)
+
+
+def test_constants_get_zero_gradients_in_both_modes():
+    """The teacher's hidden states, kernel and bias and the token weights are
+    constants: zero cotangents (reverse) and zero tangents (forward) on every
+    strategy, while the loss does depend on them."""
+    arr = small_inputs(81)
+
+    @jax.jit
+    def run(xt, wt, tb, weights):
+        outs = []
+        for strategy in ("materialized", "grad_in_forward", "recompute"):
+            cfg = XlaConfig(strategy=strategy, **CHUNKS)
+
+            def f(xt, wt, tb, weights, cfg=cfg):
+                return linear_distillation_loss(
+                    arr["x"], arr["w"], xt, wt, teacher_bias=tb, weights=weights,
+                    divergence="jsd", labels=arr["labels"], hard_label_weight=0.3,
+                    ignore_index=-100, config=cfg,
+                )  # fmt: skip
+
+            args = (xt, wt, tb, weights)
+            grads = jax.grad(f, (0, 1, 2, 3))(*args)
+            _, tangent = jax.jvp(f, args, tuple(jnp.ones_like(a) for a in args))
+            outs.append((f(*args), f(xt * 2, wt, tb, weights), grads, tangent))
+        return outs
+
+    for loss, moved, grads, tangent in run(
+        arr["xt"], arr["wt"], arr["teacher_bias"], arr["weights"]
+    ):
+        assert abs(float(moved) - float(loss)) > 1e-3
+        assert all(not np.any(np.asarray(g)) for g in grads) and float(tangent) == 0.0

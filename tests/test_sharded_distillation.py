@@ -3,7 +3,8 @@
 w.r.t. ``x``, ``w`` and ``bias`` (per-token losses under a random cotangent) equal the
 single-device call, which ``tests/test_distillation_head.py`` holds to a float64
 oracle; the teacher gets no gradient; only per-token scalars cross the model axis.
-All cases of one mesh compile as one program."""
+Tokens excluded by ``where``, ``ignore_index`` or ``shift`` hold NaN in both heads'
+hidden states and change nothing. All cases of one mesh compile as one program."""
 
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ def _data(seed=0):
     )  # fmt: skip
 
 
+def _poisoned(a, case, where, labels):
+    """``a`` ``[B, T, .]`` with NaN in the rows the case excludes (``where``,
+    ``ignore_index``, and the last ``shift`` rows, which predict nothing)."""
+    shift = case.get("shift", 0)
+    keep = jnp.ones((B, T), bool) if where is None else where
+    if case.get("ignore_index") is not None:
+        keep = keep & (labels != case["ignore_index"])
+    rows = jnp.concatenate([~keep[:, shift:], jnp.ones((B, shift), bool)], axis=1)
+    return jnp.where(rows[..., None], jnp.nan, a)
+
+
 def _call(fn, d, x, w, b, case, **kw):
     c = dict(case)
     tied, use_bias = c.pop("tied", False), c.pop("bias", False)
@@ -55,8 +67,9 @@ def _call(fn, d, x, w, b, case, **kw):
     if labels is not None and "ignore_index" not in c:
         labels = labels % V
     wt = fusedloss.Transposed(d["wt"].T) if tied else d["wt"]
+    x, xt = _poisoned(x, c, where, labels), _poisoned(d["xt"], c, where, labels)
     out = fn(
-        x, fusedloss.Transposed(w.T) if tied else w, d["xt"], wt,
+        x, fusedloss.Transposed(w.T) if tied else w, xt, wt,
         bias=b + mask if use_bias else None, teacher_bias=d["bt"] + mask, labels=labels,
         where=where, weights=weights, config=CFG, **c, **kw,
     )  # fmt: skip

@@ -269,6 +269,55 @@ MUTANTS = [
         ("test_sharded_distillation.py",),
         "sharded_equals",
     ),
+    # distillation heads: strategies x divergences, bf16 budget, default plan, exclusions
+    Mutant(
+        "teacher-distill-gif-hard-ce-takes-teacher-lse",
+        "heads/_distill.py",
+        "    l1 = ls if t == 1.0 else jax.nn.logsumexp(z, axis=-1)\n",
+        "    l1 = lt if t == 1.0 else jax.nn.logsumexp(z, axis=-1)\n",
+        ("test_distillation_head.py",),
+        "every_divergence_weight",
+    ),
+    Mutant(
+        "teacher-distill-gif-dw-accumulator-in-input-dtype",
+        "heads/_distill.py",
+        "        jnp.zeros(w.shape, dt),  # dw accumulator (stored orientation)\n",
+        "        jnp.zeros(w.shape, w.dtype),  # dw accumulator (stored orientation)\n",
+        ("test_distillation_head.py",),
+        "bf16_gradients_within",
+    ),
+    Mutant(
+        "teacher-distill-gif-half-block-only-when-set",
+        "heads/_distill.py",
+        'if plan.strategy == "grad_in_forward" and config.block_bytes is None:',
+        'if plan.strategy == "grad_in_forward" and config.block_bytes is not None:',
+        ("test_distillation_head.py",),
+        "default_plan",
+    ),
+    Mutant(
+        "teacher-distill-gif-teacher-rows-unmasked",
+        "heads/_distill.py",
+        "            _rows(sl(teacher.x), take),\n",
+        "            sl(teacher.x),\n",
+        ("test_excluded_tokens.py",),
+        "teacher_head",
+    ),
+    Mutant(
+        "teacher-distill-aux-hard-loss-only-when-weighted",
+        "heads/distillation.py",
+        "        dh = dh._replace(hard=True)\n",
+        "        pass\n",
+        ("test_distillation_head.py",),
+        "every_divergence_weight",
+    ),
+    Mutant(
+        "topk-distill-excluded-teacher-log-probs-kept",
+        "heads/distillation.py",
+        "    teacher_log_probs = jnp.where(tokens.valid[:, None], teacher_log_probs, 0.0)\n",
+        "",
+        ("test_excluded_tokens.py",),
+        "topk",
+    ),
 ]
 
 

@@ -90,6 +90,13 @@ class Head(NamedTuple):
     bias: jax.Array | None
 
 
+def _rows(a, keep):
+    """``a``'s rows where ``keep``, zeros elsewhere: excluded tokens' inputs (NaN or inf
+    included) are replaced before any matmul, so that nothing of them reaches a loss, a
+    logit or a ``dw`` product (a product with 0 would still carry their NaN)."""
+    return jnp.where(keep[:, None], a, jnp.zeros((), a.dtype))
+
+
 def _logits(x_blk, w_blk, b_blk, cap, vd: bool, dt):
     """Softcapped logits of a block, in the accumulation dtype ``dt``."""
     dims = (((1,), (1,)), ((), ())) if vd else (((1,), (0,)), ((), ()))
@@ -147,9 +154,9 @@ def row_losses(z, u, labels, dh: Distill):
 def materialized_losses(student: Head, teacher: Head, labels, valid, dh: Distill):
     """Both rows whole; gradients (student only) by autodiff."""
     dt = _ce_math.acc_dtype(student.x.dtype)
-    x = jnp.where(valid[:, None], student.x, jnp.zeros((), student.x.dtype))
-    z = _logits(x, student.w, student.bias, dh.softcap, dh.vd, dt)
-    u = _logits(teacher.x, teacher.w, teacher.bias, dh.teacher_softcap, dh.teacher_vd, dt)
+    z = _logits(_rows(student.x, valid), student.w, student.bias, dh.softcap, dh.vd, dt)
+    xt = _rows(teacher.x, valid)
+    u = _logits(xt, teacher.w, teacher.bias, dh.teacher_softcap, dh.teacher_vd, dt)
     return row_losses(z, jax.lax.stop_gradient(u), labels, dh)
 
 
@@ -215,7 +222,6 @@ def _gif_pass(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, p
     tn = min(plan.tn, n)
     dt = _ce_math.acc_dtype(x.dtype)
     c_div, c_ce = coefs
-    zero = jnp.zeros((), x.dtype)
     init = (
         jnp.zeros((n,), dt),  # divergence per token
         jnp.zeros((n,), dt),  # cross-entropy per token
@@ -230,8 +236,15 @@ def _gif_pass(student: Head, teacher: Head, labels, valid, coefs, dh: Distill, p
         sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=tn)
         fresh = (start + jnp.arange(tn)) >= nom
         take = fresh & sl(valid)
-        x_blk = jnp.where(take[:, None], sl(x), zero)
-        u = _logits(sl(teacher.x), teacher.w, teacher.bias, dh.teacher_softcap, dh.teacher_vd, dt)
+        x_blk = _rows(sl(x), take)
+        u = _logits(
+            _rows(sl(teacher.x), take),
+            teacher.w,
+            teacher.bias,
+            dh.teacher_softcap,
+            dh.teacher_vd,
+            dt,
+        )
         raw = _logits(x_blk, w, bias, None, vd, dt)
         z = _ce_math.softcap(raw, dh.softcap)
         lab = jnp.clip(sl(labels), 0, z.shape[1] - 1)
@@ -402,7 +415,9 @@ def _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes):
     hard1 = dh.hard and t != 1.0  # a separate log-sum-exp at temperature 1
 
     def pass1(sl, fresh, carry):
-        x_blk, xt_blk, lab_ids = sl(student.x), sl(teacher.x), sl(labels) - offset
+        rows = sl(valid)
+        x_blk, xt_blk = _rows(sl(student.x), rows), _rows(sl(teacher.x), rows)
+        lab_ids = sl(labels) - offset
 
         def v_body(j, c):
             ms, ss, a_s, mt, st, a_t, m1, s1, lab = c
@@ -444,7 +459,8 @@ def _recompute_forward(student, teacher, labels, valid, offset, dh, plan, axes):
     lb, lb1 = math.log(dh.beta), math.log1p(-dh.beta)
 
     def pass2(sl, fresh, carry):
-        x_blk, xt_blk = sl(student.x), sl(teacher.x)
+        rows = sl(valid)
+        x_blk, xt_blk = _rows(sl(student.x), rows), _rows(sl(teacher.x), rows)
         ls_b, lt_b = sl(ls)[:, None], sl(lt)[:, None]
 
         def v_body(j, c):
@@ -506,7 +522,6 @@ def _sizes(x, w, plan, dh: Distill):
 def _recompute_backward(student, teacher, labels, valid, offset, sc, g_div, g_ce, dh, plan):
     x, w, bias = student
     n, va, v, tn, vc, dt = _sizes(x, w, plan, dh)
-    zero = jnp.zeros((), x.dtype)
     keep = lambda a: jnp.where(valid, a, 0.0)
     g_div, g_ce = keep(g_div), keep(g_ce)
     sc = _Scalars(*(keep(a) for a in sc))  # excluded rows: finite, and no gradient
@@ -522,8 +537,8 @@ def _recompute_backward(student, teacher, labels, valid, offset, sc, g_div, g_ce
             start, nom = _chunk_start(i, tn, n)
             sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=tn)
             rows = ((start + jnp.arange(tn)) >= nom) & sl(valid)
-            x_blk = jnp.where(rows[:, None], sl(x), zero)
-            z, u = _blocks(student, teacher, x_blk, sl(teacher.x), vstart, vc, dh, dt)
+            x_blk, xt_blk = _rows(sl(x), rows), _rows(sl(teacher.x), rows)
+            z, u = _blocks(student, teacher, x_blk, xt_blk, vstart, vc, dh, dt)
             scs = _Scalars(*(sl(a) for a in sc))
             dl = _dlogits(z, u, sl(labels) - offset, scs, sl(g_div), sl(g_ce), dh, cols)
             dl = jnp.where(rows[:, None] & new[None, :], dl, 0.0)
@@ -593,7 +608,7 @@ def _recompute_apply(static, leaves, lin):
 
     def step(sl, fresh, carry):
         rows = fresh & sl(valid)
-        x_blk, xt_blk = sl(x), sl(teacher.x)
+        x_blk, xt_blk = _rows(sl(x), rows), _rows(sl(teacher.x), rows)
         scs = _Scalars(*(sl(a) for a in sc))
         lab = sl(labels) - offset
 
@@ -688,6 +703,10 @@ def distillation_losses(
     the recompute strategy runs, whatever the plan."""
     name, plan = choice
     teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
+    # Excluded tokens' labels (any value) are not looked at. This is also an op on the
+    # labels before the custom_jvp rules: under vmap, a caller's NumPy labels would
+    # otherwise reach them as a raw, non-canonical constant.
+    labels = jnp.where(valid, labels, 0)
     if student.x.shape[0] == 0:
         empty = jnp.zeros((0,), _ce_math.acc_dtype(student.x.dtype))
         return empty, empty, None

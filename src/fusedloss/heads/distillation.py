@@ -78,6 +78,9 @@ def topk_kl(log_ps, teacher_log_probs):
 def topk_loss_from_stats(stats: TokenStats, tokens: Tokens, ids, teacher_log_probs, vocab_size):
     """The coef-weighted per-token top-K loss ``[N]`` from the student's statistics at
     the ``[N, K]`` ``ids`` (shared with the sharded call)."""
+    # An excluded token's log-probabilities (NaN or inf included) are replaced before
+    # the KL: its cotangent is 0, but 0 times a non-finite weight would still be NaN.
+    teacher_log_probs = jnp.where(tokens.valid[:, None], teacher_log_probs, 0.0)
     kl = topk_kl(stats.label_logit - stats.lse[:, None], teacher_log_probs)
     bad = jnp.any(~_ce_math.label_in_range(ids, vocab_size), axis=-1)
     return jnp.where(tokens.valid, jnp.where(bad, jnp.nan, kl) * tokens.coef, 0.0)
@@ -198,8 +201,9 @@ class LinearDistillationAux:
     Attributes:
       divergence: the divergence term, reduced like the loss (per token for
         ``reduction="none"``), before the ``1 - hard_label_weight`` factor.
-      hard_loss: the hard-label cross-entropy term, reduced likewise (0 without
-        ``labels``), before the ``hard_label_weight`` factor.
+      hard_loss: the student's cross-entropy against ``labels`` at temperature 1,
+        reduced likewise, before the ``hard_label_weight`` factor (also with a weight
+        of 0; 0 without ``labels``, NaN for an included label outside ``[0, V)``).
       num_tokens: int32 scalar, the number of included tokens.
       weight_sum: float32 scalar, the sum of the included tokens' weights.
       implementation: the implementation and strategy that ran (static).
@@ -265,17 +269,22 @@ def _distill_options(divergence, beta, temperature, teacher_logit_softcap, label
 def distillation_result(
     div, ce, total, tokens: Tokens, a: float, v: int, hard: bool, per_token: bool
 ):
-    """(loss in the caller's token shape or reduced, divergence term, hard term)."""
+    """(loss in the caller's token shape or reduced, divergence term, hard term).
+
+    ``hard``: ``ce`` holds the cross-entropy (an included label outside ``[0, v)``
+    makes it NaN); it enters the loss only with a weight ``a > 0``.
+    """
     valid, coef = tokens.valid, tokens.coef
     bad = (~_ce_math.label_in_range(tokens.labels, v)) & valid if hard else None
-    tok = (1 - a) * div + a * ce if hard else div
-    tok = jnp.where(valid, jnp.where(bad, jnp.nan, tok) if hard else tok, 0.0) * coef
+    mixed = hard and a > 0
+    tok = (1 - a) * div + a * ce if mixed else div
+    tok = jnp.where(valid, jnp.where(bad, jnp.nan, tok) if mixed else tok, 0.0) * coef
     div = jnp.where(valid, div, 0.0) * coef
-    ce = jnp.where(valid, ce, 0.0) * coef
+    ce = jnp.where(valid, jnp.where(bad, jnp.nan, ce) if hard else ce, 0.0) * coef
     if per_token:
         return tuple(t.reshape(tokens.shape) for t in (tok, div, ce))
     if total is not None:  # formed with its gradients; NaN for a bad included label
-        loss = jnp.where(jnp.any(bad), jnp.nan, total) if hard else total
+        loss = jnp.where(jnp.any(bad), jnp.nan, total) if mixed else total
     else:
         loss = jnp.sum(tok)
     return loss, jnp.sum(div), jnp.sum(ce)
@@ -369,6 +378,10 @@ def linear_distillation_loss(
         teacher_logit_softcap=teacher_logit_softcap, hard_label_weight=hard_label_weight,
         ignore_index=ignore_index, reduction=reduction, shift=shift,
     )  # fmt: skip
+    if return_aux and labels is not None:
+        # The aux reports the hard-label term whatever its weight; without aux, a
+        # weight of 0 skips it (no gather, no temperature-1 log-sum-exp).
+        dh = dh._replace(hard=True)
     return _local_distillation(
         args, teacher, dh, a, reduction=reduction, shift=shift, ignore_index=ignore_index,
         return_aux=return_aux, implementation=implementation, config=config,
