@@ -273,3 +273,56 @@ def test_default_plan_on_the_host_at_llama3_8b():
     choice = choose_for(None, False, None, problem, None)
     assert choice.name == "xla"
     assert (choice.plan.strategy, choice.plan.tn, choice.plan.vc) == ("recompute", 4096, 2048)
+
+
+def truncated_oracle(x, w, ids, tlp, *, bias, where, weights, temperature, shift):
+    """float64: forward KL of both distributions renormalized over the K ids."""
+    x, ids, tlp = x[..., :-shift, :], ids[..., shift:, :], tlp[..., shift:, :]
+    where, weights = where[..., shift:], weights[..., shift:]
+    z = (x @ w + bias.reshape(1, 1, -1)) / temperature
+    ls = jax.nn.log_softmax(jnp.take_along_axis(z, ids, axis=-1), axis=-1)
+    lt = jax.nn.log_softmax(tlp, axis=-1)
+    pt = jnp.exp(lt)
+    kl = jnp.sum(jnp.where(pt > 0, pt * (lt - ls), 0.0), -1)
+    wts = jnp.where(where, weights, 0.0)
+    return jnp.sum(jnp.where(where, kl, 0.0) * wts) / wts.sum()
+
+
+@pytest.mark.parametrize("impl,cfg", IMPLS)
+def test_truncated_mode_matches_float64_oracle(impl, cfg):
+    """``mode="truncated"`` renormalizes both distributions over the K ids; one device,
+    and (reference) a 2 x 4 mesh equal to it."""
+    x, w, bias, ids, tlp, where, weights = make(21, lead=(4, 11))
+    kw = dict(where=where, weights=weights, temperature=1.6, shift=1, mode="truncated")
+
+    def fused(x, w, b):
+        return linear_topk_distillation_loss(
+            x, w, ids, tlp, bias=b, implementation=impl, config=cfg, **kw
+        )
+
+    got, grads = jax.jit(jax.value_and_grad(fused, (0, 1, 2)))(x, w, bias)
+    with jax.enable_x64(True):
+        f64 = lambda a: jnp.asarray(a, jnp.float64)
+
+        def want_fn(x, w, b):
+            return truncated_oracle(
+                x, w, ids, f64(tlp), bias=b, where=where, weights=f64(weights),
+                temperature=1.6, shift=1,
+            )  # fmt: skip
+
+        want, want_g = jax.value_and_grad(want_fn, (0, 1, 2))(f64(x), f64(w), f64(bias))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, h in zip(grads, want_g, strict=True):
+        h = np.asarray(h)
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5 * np.abs(h).max())
+    if impl == "reference":
+        mesh = jax.make_mesh((2, 4), ("data", "model"))
+
+        def sharded(x, w, b):
+            return fusedloss.sharded_linear_topk_distillation_loss(
+                x, w, ids, tlp, bias=b, mesh=mesh, **kw
+            )
+
+        np.testing.assert_allclose(float(jax.jit(sharded)(x, w, bias)), float(got), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"`mode` must be one of \('k_plus_one', 'truncated'\)"):
+        linear_topk_distillation_loss(x, w, ids, tlp, mode="renormalized")

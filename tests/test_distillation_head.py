@@ -771,3 +771,63 @@ def test_constants_get_zero_gradients_in_both_modes():
     ):
         assert abs(float(moved) - float(loss)) > 1e-3
         assert all(not np.any(np.asarray(g)) for g in grads) and float(tangent) == 0.0
+
+
+@pytest.mark.parametrize(
+    "impl,divergence,reduction",
+    [("reference", "jsd", "mean"), ("grad_in_forward", "forward_kl", "mean"),
+     ("recompute", "reverse_kl", "none"), ("materialized", "forward_kl", "sum")],
+)  # fmt: skip
+def test_separate_exclusions_and_temperature_squared(impl, divergence, reduction):
+    """``hard_label_where`` gives the hard-label term its own tokens (and ``"mean"``
+    its own denominator) and ``temperature_squared`` scales the divergence by T**2:
+    the loss is ``(1 - a) T**2 div(where) + a ce(hard_label_where, ignore_index)``."""
+    arr = make(11 + len(impl))
+    name, cfg = IMPLS[impl]
+    rng = np.random.default_rng(3)
+    hard_where = rng.random(LEAD) > 0.5
+    a, t, shift = 0.4, 1.7, 1
+    shape = arr["labels"][..., shift:].shape
+    ct = rng.normal(size=shape)
+
+    def fused(x, w, b):
+        out = linear_distillation_loss(
+            x, w, arr["xt"], arr["wt"], divergence=divergence, bias=b, temperature=t,
+            labels=arr["labels"], hard_label_weight=a, ignore_index=-100, where=arr["where"],
+            weights=arr["weights"], hard_label_where=hard_where, temperature_squared=True,
+            reduction=reduction, shift=shift, implementation=name, config=cfg,
+        )  # fmt: skip
+        return jnp.sum(out * ct.astype(np.float32)) if reduction == "none" else out
+
+    got, grads = jax.jit(jax.value_and_grad(fused, (0, 1, 2)))(arr["x"], arr["w"], arr["bias"])
+    with jax.enable_x64(True):
+        f64 = lambda v: jnp.asarray(v, jnp.float64)
+        common = dict(divergence=divergence, temperature=t, weights=f64(arr["weights"]),
+                      shift=shift, reduction=reduction)  # fmt: skip
+
+        def want_fn(x, w, b):
+            div = oracle(x, w, f64(arr["xt"]), f64(arr["wt"]), bias=b, where=arr["where"],
+                         **common)  # fmt: skip
+            ce = oracle(x, w, f64(arr["xt"]), f64(arr["wt"]), bias=b, labels=arr["labels"],
+                        a=1.0, ignore_index=-100, where=hard_where, **common)  # fmt: skip
+            out = (1 - a) * t**2 * div + a * ce
+            return jnp.sum(out * f64(ct)) if reduction == "none" else out
+
+        want, want_g = jax.value_and_grad(want_fn, (0, 1, 2))(
+            f64(arr["x"]), f64(arr["w"]), f64(arr["bias"])
+        )
+    np.testing.assert_allclose(float(got), float(want), rtol=2e-5)
+    for g, h in zip(grads, want_g, strict=True):
+        h = np.asarray(h)
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5 * np.abs(h).max())
+
+
+def test_separate_exclusions_bad_arguments():
+    arr = make(2)
+    f = functools.partial(linear_distillation_loss, arr["x"], arr["w"], arr["xt"], arr["wt"])
+    with pytest.raises(ValueError, match=r"`hard_label_where` needs `labels`"):
+        f(hard_label_where=arr["where"])
+    with pytest.raises(ValueError, match=r"`hard_label_where` must have shape \(3, 7\)"):
+        f(labels=arr["labels"], hard_label_where=arr["where"][:, 1:])
+    with pytest.raises(TypeError, match=r"`temperature_squared` must be a bool, got 1"):
+        f(temperature_squared=1)

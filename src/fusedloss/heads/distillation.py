@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,22 +75,41 @@ def topk_kl(log_ps, teacher_log_probs):
     return inside + rest
 
 
-def topk_loss_from_stats(stats: TokenStats, tokens: Tokens, ids, teacher_log_probs, vocab_size):
+def truncated_topk_kl(logits, teacher_log_probs):
+    """Forward KL with both distributions renormalized over the K ids, from the
+    student's head logits at them (no log-sum-exp over the vocabulary needed)."""
+    lt = jax.nn.log_softmax(teacher_log_probs, axis=-1)
+    ls = jax.nn.log_softmax(logits, axis=-1)
+    pt = jnp.exp(lt)
+    return jnp.sum(jnp.where(pt > 0, pt * (lt - ls), 0.0), axis=-1)
+
+
+TOPK_MODES = ("k_plus_one", "truncated")
+
+
+def topk_loss_from_stats(
+    stats: TokenStats, tokens: Tokens, ids, teacher_log_probs, vocab_size, mode="k_plus_one"
+):
     """The coef-weighted per-token top-K loss ``[N]`` from the student's statistics at
     the ``[N, K]`` ``ids`` (shared with the sharded call)."""
     # An excluded token's log-probabilities (NaN or inf included) are replaced before
     # the KL: its cotangent is 0, but 0 times a non-finite weight would still be NaN.
     teacher_log_probs = jnp.where(tokens.valid[:, None], teacher_log_probs, 0.0)
-    kl = topk_kl(stats.label_logit - stats.lse[:, None], teacher_log_probs)
+    if mode == "truncated":
+        kl = truncated_topk_kl(stats.label_logit, teacher_log_probs)
+    else:
+        kl = topk_kl(stats.label_logit - stats.lse[:, None], teacher_log_probs)
     bad = jnp.any(~_ce_math.label_in_range(ids, vocab_size), axis=-1)
     return jnp.where(tokens.valid, jnp.where(bad, jnp.nan, kl) * tokens.coef, 0.0)
 
 
 def check_topk(x, w, teacher_ids, teacher_log_probs, temperature, bias, logit_softcap, where,
-               weights, reduction, shift):  # fmt: skip
+               weights, reduction, shift, mode="k_plus_one"):  # fmt: skip
     """Checked arguments of a top-K distillation call (shared with the sharded call):
     (student HeadArgs, teacher ids and log-probabilities ``[..., K]`` unshifted, the
     statistics' hyperparameters). Concrete ids of included tokens are checked here."""
+    if mode not in TOPK_MODES:
+        raise ValueError(f"`mode` must be one of {TOPK_MODES}, got {mode!r}.")
     ids, tlp = check_teacher(teacher_ids, teacher_log_probs, jnp.asarray(x).shape[:-1])
     args = check_head_args(x, w, ids[..., 0], bias, where, weights, "[V], V = w.shape[1]")
     base = check_options(reduction, 0.0, 0.0, logit_softcap, None, shift)
@@ -116,6 +135,7 @@ def linear_topk_distillation_loss(
     weights: jax.typing.ArrayLike | None = None,
     reduction: Literal["none", "sum", "mean"] = "mean",
     shift: int = 0,
+    mode: Literal["k_plus_one", "truncated"] = "k_plus_one",
     implementation: str | Sequence[str] | None = None,
     config: Any = None,
 ) -> jax.Array:
@@ -127,8 +147,10 @@ def linear_topk_distillation_loss(
         KL = sum_k p_k (log p_k - log q_k) + r_p (log r_p - log r_q)
 
     where ``r = 1 - sum_k (.)_k`` is the mass outside the K ids (``r_p`` clipped at 0
-    against rounding, ``0 log 0 = 0``). No teacher head is needed at training time, and
-    no gradient flows to the teacher's log-probabilities.
+    against rounding, ``0 log 0 = 0``). With ``mode="truncated"`` both distributions
+    are renormalized over the K ids instead (``sum_k p~_k (log p~_k - log q~_k)``, the
+    mass outside them dropped). No teacher head is needed at training time, and no
+    gradient flows to the teacher's log-probabilities.
 
     Args:
       x: student hidden states ``[..., D]``.
@@ -143,6 +165,8 @@ def linear_topk_distillation_loss(
       reduction: as in :func:`~fusedloss.linear_cross_entropy`.
       shift: as in :func:`~fusedloss.linear_cross_entropy` (``shift`` aligns
         ``x[..., :-shift, :]`` with ``teacher_ids[..., shift:, :]``).
+      mode: ``"k_plus_one"`` (the K ids and the rest as K + 1 bins) or
+        ``"truncated"`` (both distributions renormalized over the K ids).
       implementation: the statistics core (``xla`` or ``reference``; the Pallas
         kernels compute single-label statistics only).
       config: an :class:`~fusedloss.XlaConfig` for ``"xla"``.
@@ -166,7 +190,7 @@ def linear_topk_distillation_loss(
     """
     args, ids, tlp, hp = check_topk(
         x, w, teacher_ids, teacher_log_probs, temperature, bias, logit_softcap, where, weights,
-        reduction, shift,
+        reduction, shift, mode,
     )  # fmt: skip
     tokens = prepare_tokens(
         args.x,
@@ -187,7 +211,7 @@ def linear_topk_distillation_loss(
         tokens._replace(labels=ids), args.w, args.w_vd, args.bias, hp,
         implementation=implementation, config=config,
     )  # fmt: skip
-    loss = topk_loss_from_stats(stats, tokens, ids, tlp, args.vocab_size)
+    loss = topk_loss_from_stats(stats, tokens, ids, tlp, args.vocab_size, mode)
     if reduction == "none":
         return loss.reshape(tokens.shape).astype(args.x.dtype)
     return jnp.sum(loss)
@@ -217,6 +241,23 @@ class LinearDistillationAux:
 
 
 _DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+class Terms(NamedTuple):
+    """The per-token coefficients of the two terms of a distillation loss."""
+
+    div_coef: jax.Array  # [N] the divergence's reduction coefficients (0 if excluded)
+    ce_coef: jax.Array  # [N] the hard-label term's
+    ce_valid: jax.Array  # [N] bool: the hard-label term counts the token
+    div_scale: float = 1.0  # temperature**2 with `temperature_squared`
+
+    @classmethod
+    def shared(cls, tokens: Tokens, div_scale: float = 1.0) -> Terms:
+        return cls(tokens.coef, tokens.coef, tokens.valid, div_scale)
+
+    def core_coefs(self, a: float) -> tuple[jax.Array, jax.Array]:
+        """The weights of (divergence, cross-entropy) per token in the core's total."""
+        return self.div_scale * (1 - a) * self.div_coef, a * self.ce_coef
 
 
 def _check_teacher_head(teacher_x, teacher_w, teacher_bias, x, vocab_size: int) -> _distill.Head:
@@ -267,20 +308,22 @@ def _distill_options(divergence, beta, temperature, teacher_logit_softcap, label
 
 
 def distillation_result(
-    div, ce, total, tokens: Tokens, a: float, v: int, hard: bool, per_token: bool
+    div, ce, total, tokens: Tokens, a: float, v: int, hard: bool, per_token: bool, terms=None
 ):
     """(loss in the caller's token shape or reduced, divergence term, hard term).
 
     ``hard``: ``ce`` holds the cross-entropy (an included label outside ``[0, v)``
-    makes it NaN); it enters the loss only with a weight ``a > 0``.
+    makes it NaN); it enters the loss only with a weight ``a > 0``. ``terms``: the
+    :class:`Terms` of the two terms, by default both ``tokens``' own.
     """
-    valid, coef = tokens.valid, tokens.coef
-    bad = (~_ce_math.label_in_range(tokens.labels, v)) & valid if hard else None
+    terms = Terms.shared(tokens) if terms is None else terms
+    valid, cd, cc = tokens.valid, terms.div_coef, terms.ce_coef
+    bad = (~_ce_math.label_in_range(tokens.labels, v)) & terms.ce_valid if hard else None
     mixed = hard and a > 0
-    tok = (1 - a) * div + a * ce if mixed else div
-    tok = jnp.where(valid, jnp.where(bad, jnp.nan, tok) if mixed else tok, 0.0) * coef
-    div = jnp.where(valid, div, 0.0) * coef
-    ce = jnp.where(valid, jnp.where(bad, jnp.nan, ce) if hard else ce, 0.0) * coef
+    tok = terms.div_scale * (1 - a) * div * cd + (a * ce * cc if mixed else 0.0)
+    tok = jnp.where(valid, jnp.where(bad, jnp.nan, tok) if mixed else tok, 0.0)
+    div = jnp.where(valid, div, 0.0) * cd
+    ce = jnp.where(terms.ce_valid, jnp.where(bad, jnp.nan, ce) if hard else ce, 0.0) * cc
     if per_token:
         return tuple(t.reshape(tokens.shape) for t in (tok, div, ce))
     if total is not None:  # formed with its gradients; NaN for a bad included label
@@ -310,6 +353,8 @@ def linear_distillation_loss(
     weights: jax.typing.ArrayLike | None = None,
     reduction: Literal["none", "sum", "mean"] = "mean",
     shift: int = 0,
+    hard_label_where: jax.typing.ArrayLike | None = None,
+    temperature_squared: bool = False,
     return_aux: bool = False,
     implementation: str | Sequence[str] | None = None,
     config: Any = None,
@@ -322,7 +367,9 @@ def linear_distillation_loss(
     ``"reverse_kl"``: ``KL(q || p)``, or ``"jsd"``: ``beta KL(p || m) + (1 - beta)
     KL(q || m)`` with ``m = beta p + (1 - beta) q``. With ``labels``, the loss is
     ``(1 - hard_label_weight) * divergence + hard_label_weight * CE`` (the student's
-    cross-entropy at temperature 1). No ``T**2`` factor is applied. Neither head's
+    cross-entropy at temperature 1); ``temperature_squared=True`` multiplies the
+    divergence term by ``temperature**2`` (Hinton et al.'s ``alpha * T**2 * KL +
+    (1 - alpha) * CE``, with ``alpha = 1 - hard_label_weight``). Neither head's
     ``[tokens, V]`` logits are materialized, and no gradient flows to the teacher.
 
     Args:
@@ -348,6 +395,14 @@ def linear_distillation_loss(
       reduction: as in :func:`~fusedloss.linear_cross_entropy`.
       shift: as in :func:`~fusedloss.linear_cross_entropy` (``shift`` aligns ``x``
         and ``teacher_x`` with ``labels[..., shift:]``).
+      hard_label_where: optional bool mask with the shape of ``labels``: the
+        hard-label term's own exclusions. Then the divergence counts the tokens of
+        ``where`` and the hard-label term those of ``hard_label_where`` whose label is
+        not ``ignore_index``, and ``"mean"`` averages each term over its own tokens
+        (the aux's counts are the divergence's), as frameworks that mask the
+        completion for the divergence and the labels for the cross-entropy do.
+      temperature_squared: multiply the divergence term by ``temperature**2`` (the
+        gradient scale of ``1 / T**2`` that softening the logits brings, undone).
       return_aux: also return a :class:`LinearDistillationAux`.
       implementation: ``"xla"`` (default) or ``"reference"`` (the materialized
         computation); the Pallas kernels compute single-head statistics only.
@@ -378,6 +433,7 @@ def linear_distillation_loss(
         teacher_logit_softcap=teacher_logit_softcap, hard_label_weight=hard_label_weight,
         ignore_index=ignore_index, reduction=reduction, shift=shift,
     )  # fmt: skip
+    hard_where = check_terms(hard_label_where, temperature_squared, args, labels)
     if return_aux and labels is not None:
         # The aux reports the hard-label term whatever its weight; without aux, a
         # weight of 0 skips it (no gather, no temperature-1 log-sum-exp).
@@ -385,7 +441,24 @@ def linear_distillation_loss(
     return _local_distillation(
         args, teacher, dh, a, reduction=reduction, shift=shift, ignore_index=ignore_index,
         return_aux=return_aux, implementation=implementation, config=config,
+        hard_where=hard_where, div_scale=dh.temperature**2 if temperature_squared else 1.0,
     )  # fmt: skip
+
+
+def check_terms(hard_label_where, temperature_squared, args, labels):
+    """The hard-label term's own mask (checked), or None."""
+    if not isinstance(temperature_squared, bool):
+        raise TypeError(f"`temperature_squared` must be a bool, got {temperature_squared!r}.")
+    if hard_label_where is None:
+        return None
+    if labels is None:
+        raise ValueError("`hard_label_where` needs `labels`; got labels=None.")
+    _checks.check_bool("hard_label_where", hard_label_where)
+    hard_label_where = jnp.asarray(hard_label_where)
+    _checks.check_shape(
+        "hard_label_where", hard_label_where, args.labels.shape, "the shape of `labels`"
+    )
+    return hard_label_where
 
 
 def check_distillation(x, w, teacher_x, teacher_w, labels, *, bias, teacher_bias, where,
@@ -410,23 +483,32 @@ def check_distillation(x, w, teacher_x, teacher_w, labels, *, bias, teacher_bias
 
 
 def _local_distillation(args, teacher, dh, a, *, reduction, shift, ignore_index, return_aux,
-                        implementation, config):  # fmt: skip
+                        implementation, config, hard_where=None, div_scale=1.0):  # fmt: skip
     """The distillation loss of one device's tokens over the whole vocabulary."""
+    kw = dict(shift=shift, reduction=reduction, vocab_size=args.vocab_size)
     tokens = prepare_tokens(
-        args.x, args.labels, args.where, args.weights, shift=shift, ignore_index=ignore_index,
-        reduction=reduction, vocab_size=args.vocab_size, check_labels=a > 0,
+        args.x, args.labels, args.where, args.weights,
+        ignore_index=None if hard_where is not None else ignore_index,
+        check_labels=a > 0 and hard_where is None, **kw,
     )  # fmt: skip
+    terms = Terms.shared(tokens, div_scale)
+    if hard_where is not None:  # each term over its own tokens; the union runs
+        hard = prepare_tokens(
+            args.x, args.labels, hard_where, args.weights, ignore_index=ignore_index,
+            check_labels=a > 0, **kw,
+        )  # fmt: skip
+        terms = Terms(tokens.coef, hard.coef, hard.valid, div_scale)
+        tokens = tokens._replace(valid=tokens.valid | hard.valid)
     tx = teacher.x[..., :-shift, :] if shift else teacher.x
     teacher = teacher._replace(x=tx.reshape(-1, tx.shape[-1]))
     per_token = reduction == "none"
     student = _distill.Head(tokens.x, args.w, args.bias)
     choice = _distill.plan_for(implementation, config, student, dh, needs_stats=per_token)
-    coefs = ((1 - a) * tokens.coef, a * tokens.coef)
     div, ce, total = _distill.distillation_losses(
-        student, teacher, tokens.labels, tokens.valid, coefs, dh, choice
+        student, teacher, tokens.labels, tokens.valid, terms.core_coefs(a), dh, choice
     )
     loss, div_term, hard_term = distillation_result(
-        div, ce, total, tokens, a, args.vocab_size, dh.hard, per_token
+        div, ce, total, tokens, a, args.vocab_size, dh.hard, per_token, terms
     )
     if per_token:
         loss = loss.astype(args.x.dtype)

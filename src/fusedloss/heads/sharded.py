@@ -394,7 +394,7 @@ def log_probs_head(hp: Hyper, *, return_entropy: bool) -> ShardedHead:
     return ShardedHead(hp, apply, lambda tok, _: (tok, tok) if return_entropy else tok)
 
 
-def topk_distillation_head(hp: Hyper, *, reduction: str) -> ShardedHead:
+def topk_distillation_head(hp: Hyper, *, reduction: str, mode: str = "k_plus_one") -> ShardedHead:
     """``linear_topk_distillation_loss`` as a :class:`ShardedHead`; its extras are the
     ``"tokens"`` arrays ``teacher_ids`` and ``teacher_log_probs`` (``[..., K]``)."""
 
@@ -404,7 +404,8 @@ def topk_distillation_head(hp: Hyper, *, reduction: str) -> ShardedHead:
     def apply(tokens, stats, extras, ctx):
         tlp = ctx.rows(extras["teacher_log_probs"], trailing=1).astype(tokens.coef.dtype)
         ids_ = ids(tokens, extras, ctx)
-        loss = topk_loss_from_stats(stats, tokens, ids_, jax.lax.stop_gradient(tlp), ctx.vocab_size)
+        tlp = jax.lax.stop_gradient(tlp)
+        loss = topk_loss_from_stats(stats, tokens, ids_, tlp, ctx.vocab_size, mode)
         if reduction == "none":
             return loss.reshape(tokens.shape).astype(tokens.x.dtype)
         return psum_over(jnp.sum(loss), ctx.data)
@@ -1056,6 +1057,7 @@ def sharded_linear_topk_distillation_loss(
     weights: jax.typing.ArrayLike | None = None,
     reduction: Literal["none", "sum", "mean"] = "mean",
     shift: int = 0,
+    mode: Literal["k_plus_one", "truncated"] = "k_plus_one",
     implementation: str | tuple[str, ...] | None = None,
     config: Any = None,
 ) -> jax.Array:
@@ -1087,6 +1089,7 @@ def sharded_linear_topk_distillation_loss(
       model_axis: as in :func:`sharded_linear_cross_entropy`.
       shift: as in :func:`~fusedloss.linear_topk_distillation_loss`; with a data
         axis of size > 1 it needs ``x`` of shape ``[B, T, D]``.
+      mode: as in :func:`~fusedloss.linear_topk_distillation_loss`.
       implementation: the per-device statistics core.
       config: that core's config (e.g. an :class:`~fusedloss.XlaConfig`).
 
@@ -1113,9 +1116,9 @@ def sharded_linear_topk_distillation_loss(
     """
     args, ids, tlp, hp = check_topk(
         x, w, teacher_ids, teacher_log_probs, temperature, bias, logit_softcap, where, weights,
-        reduction, shift,
+        reduction, shift, mode,
     )  # fmt: skip
-    head = topk_distillation_head(hp, reduction=reduction)
+    head = topk_distillation_head(hp, reduction=reduction, mode=mode)
     extras = {"teacher_ids": Extra(ids, "tokens"), "teacher_log_probs": Extra(tlp, "tokens")}
     return _on_mesh(args, head, mesh, data_axis, model_axis, shift, implementation, config, extras)
 
