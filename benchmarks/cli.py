@@ -176,7 +176,8 @@ def run_suite(argv: list[str]) -> int:
 
 
 def run_ratios(argv: list[str]) -> dict[str, float]:
-    """``ratios``: forward+backward of the xla strategies against the materialized path."""
+    """``ratios``: forward+backward of the xla strategies (or another head's fused row)
+    against the materialized path."""
     p = argparse.ArgumentParser(prog="python -m benchmarks ratios", description=run_ratios.__doc__)
     p.add_argument("--tokens", type=_positive, default=2048)
     p.add_argument("--d", type=_positive, default=1024)
@@ -184,16 +185,20 @@ def run_ratios(argv: list[str]) -> dict[str, float]:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--reps", type=_positive, default=7)
     p.add_argument("--tied", action="store_true", help="pass w as a [V, D] embedding's .T")
+    p.add_argument("--head", default="cross_entropy", choices=tuple(HEADS))
     a = p.parse_args(argv)
     case = cs.Case("ratios", "ratios", a.tokens, a.d, a.vocab, modes=("fwd_bwd",), tied=a.tied)
-    rows = ["reference", "xla_gif", "xla_recompute"]
-    recs = suite.run_head(CROSS_ENTROPY, [case], rows, dtype=a.dtype, reps=a.reps, max_seconds=1e9)
+    head = HEADS[a.head]
+    rows = ["reference", "xla_gif", "xla_recompute"] if head is CROSS_ENTROPY else None
+    rows = rows or [c.name for c in head.rows]
+    recs = suite.run_head(head, [case], rows, dtype=a.dtype, reps=a.reps, max_seconds=1e9)
     recs = {r["contender"]: r for r in recs if r["status"] == "ok"}
+    base = rows[0]
     tied = ", w = embedding.T" if a.tied else ""
     print(f"N={a.tokens} D={a.d} V={a.vocab} {a.dtype}{tied} on {jax.devices()[0].device_kind}")
-    ratios = {name: r["time_s"] / recs["reference"]["time_s"] for name, r in recs.items()}
+    ratios = {name: r["time_s"] / recs[base]["time_s"] for name, r in recs.items()}
     for name, r in recs.items():
-        print(f"{name:>14}: {r['time_s'] * 1e3:9.1f} ms  ratio to reference "
+        print(f"{name:>22}: {r['time_s'] * 1e3:9.1f} ms  ratio to {base} "
               f"{ratios[name]:5.2f}x  err dw {r['err_dw']:.1e}")  # fmt: skip
     return ratios
 

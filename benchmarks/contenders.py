@@ -270,6 +270,72 @@ def _distill_materialized(case: Case, x: jax.Array, w: jax.Array, xt: Any, wt: A
     return (jnp.exp(log_p) * (log_p - log_q)).sum(-1).mean()
 
 
+# The objectives score sequences of _SEQ tokens (N = 8192 as 16 x 512 at the real heads).
+_SEQ = 512
+
+
+def _rows_of(case: Case) -> tuple[int, int]:
+    """(rows, tokens a row): an even number of rows (chosen and rejected pairs) of at
+    most _SEQ tokens; the first rows x tokens of the case's N are scored."""
+    b = 2 * max(1, case.n // (2 * _SEQ))
+    return b, case.n // b
+
+
+def _rows(case: Case, *arrays: Any) -> list[Any]:
+    b, t = _rows_of(case)
+    return [a[: b * t].reshape(b, t, *a.shape[1:]) for a in arrays]
+
+
+def _grpo_extras(case: Case, dtype: Any, rng: np.random.Generator | None) -> tuple[Any, ...]:
+    """Sampled tokens, per-sequence advantages and the sampler's log-probs."""
+    b, _ = _rows_of(case)
+    old = lambda r: -np.abs(r.standard_normal(case.n)) - 5.0
+    return (*_labels(case, dtype, rng), _normal(rng, (b,), jnp.float32),
+            draw(rng, (case.n,), jnp.float32, old))  # fmt: skip
+
+
+def _dpo_extras(case: Case, dtype: Any, rng: np.random.Generator | None) -> tuple[Any, ...]:
+    """Chosen then rejected completions and the reference's per-sequence log-probs."""
+    b, t = _rows_of(case)
+    ref = lambda r: -t * (5.0 + r.random(b))
+    return (*_labels(case, dtype, rng), draw(rng, (b,), jnp.float32, ref))
+
+
+def _grpo_options(case: Case, old: jax.Array) -> dict[str, Any]:
+    return dict(old_log_probs=_rows(case, old)[0], loss_type="grpo", entropy_coef=0.01)
+
+
+def _grpo_fused(case: Case, x: jax.Array, w: jax.Array, tokens: Any, adv: Any, old: Any):
+    x, tokens = _rows(case, x, tokens)
+    return fusedloss.linear_policy_gradient_loss(
+        x, w, tokens, adv, logit_softcap=case.softcap, **_grpo_options(case, old)
+    )
+
+
+def _materialized_log_probs(case: Case, x: jax.Array, w: jax.Array, tokens: Any):
+    """Per-token log-probs and entropies from the whole float32 logits (as Tunix)."""
+    logp = jax.nn.log_softmax(_logits32(x, w, case), axis=-1)
+    lp = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    return lp, -(jnp.exp(logp) * logp).sum(-1)
+
+
+def _grpo_materialized(case: Case, x: jax.Array, w: jax.Array, tokens: Any, adv: Any, old: Any):
+    lp, ent = _rows(case, *_materialized_log_probs(case, x, w, tokens))
+    return fusedloss.policy_gradient_loss(lp, adv, entropy=ent, **_grpo_options(case, old))
+
+
+def _dpo_fused(case: Case, x: jax.Array, w: jax.Array, tokens: Any, ref: Any):
+    x, tokens = _rows(case, x, tokens)
+    return fusedloss.linear_preference_loss(
+        x, w, tokens, ref_log_probs=ref, logit_softcap=case.softcap, nll_coef=1.0
+    )
+
+
+def _dpo_materialized(case: Case, x: jax.Array, w: jax.Array, tokens: Any, ref: Any):
+    (lp,) = _rows(case, _materialized_log_probs(case, x, w, tokens)[0])
+    return fusedloss.preference_loss(lp, ref_log_probs=ref, nll_coef=1.0)
+
+
 HEADS: dict[str, Head] = {
     h.name: h
     for h in (
@@ -288,6 +354,17 @@ HEADS: dict[str, Head] = {
               ("KL(softmax(xt @ wt) || softmax(x @ w)), both logits materialized",
                _distill_materialized),
               _teacher_head),
+        _pair("grpo",
+              ("fusedloss.linear_policy_gradient_loss (GRPO, entropy bonus; 512-token rows)",
+               _grpo_fused),
+              ("the same loss on log_softmax(x @ w) (materialized, as Tunix)",
+               _grpo_materialized),
+              _grpo_extras),
+        _pair("dpo",
+              ("fusedloss.linear_preference_loss (DPO + NLL, chosen and rejected in one pass)",
+               _dpo_fused),
+              ("the same loss on log_softmax(x @ w) (materialized)", _dpo_materialized),
+              _dpo_extras),
     )
 }  # fmt: skip
 CONTENDERS: dict[str, Contender] = {c.name: c for c in CROSS_ENTROPY.rows}

@@ -253,6 +253,14 @@ def test_ratios_mode(capsys, tied):
     assert "N=24 D=8 V=200 float32" in out and ("embedding.T" in out) == tied
 
 
+def test_ratios_mode_of_an_objective(capsys):
+    """``--head``: the fused objective against its materialized twin (the first row)."""
+    argv = ["--tokens", "24", "--d", "8", "--vocab", "200", "--reps", "1", "--head", "grpo"]
+    ratios = cli.run_ratios(argv)
+    assert set(ratios) == {"grpo_materialized", "grpo"} and ratios["grpo_materialized"] == 1.0
+    assert "ratio to grpo_materialized" in capsys.readouterr().out
+
+
 def test_gpu_check_mode_on_a_cpu(tmp_path, capsys):
     if jax.default_backend() != "gpu":
         assert cli.main(["gpu-check"]) == 2  # needs a GPU unless told otherwise
