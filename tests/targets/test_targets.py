@@ -436,9 +436,10 @@ def test_default_no_regret_against_materialized(target, head, n):
 # --------------------------------------------------------------------------------------
 
 # Compiled temporaries of each head's value_and_grad at Llama-3-8B's head (a 70B-sized
-# teacher, Dt=8192, for the distillation head), measured here: log-probs 224 / 129,
-# top-k 242 / 170, distillation 304 / 161 MiB on H100 / TPU v5e; the materialized
-# heads hold [N, V] float32 logits (4 GiB, twice for distillation).
+# teacher, Dt=8192, for the distillation head), measured here: log-probs (the kernels)
+# 176 / 4.2, the GRPO and DPO objectives the same, top-k 242 / 170, distillation
+# 304 / 161 MiB on H100 / TPU v5e; the materialized heads hold [N, V] float32 logits
+# (4 GiB, twice for distillation).
 HEADS_TEMP_LIMIT = 384 * MiB
 
 
@@ -452,6 +453,23 @@ def _rl_head(name):
 
         def f(x, w, labels, ids, tlp, xt, wt):
             return fusedloss.linear_topk_distillation_loss(x, w, ids, tlp)
+    elif name == "grpo":  # 16 rows of 512 tokens, entropy bonus and SFT term
+
+        def f(x, w, labels, ids, tlp, xt, wt):
+            rows = lambda a: a.reshape(16, 512, *a.shape[1:])
+            old = rows(tlp[:, 0])
+            return fusedloss.linear_policy_gradient_loss(
+                rows(x), w, rows(labels), old[:, 0], old_log_probs=old, entropy_coef=0.01,
+                sft_where=rows(labels) > 0, sft_coef=0.1, temperature=0.8,
+            )  # fmt: skip
+    elif name == "dpo":  # 8 chosen then 8 rejected rows, NLL term
+
+        def f(x, w, labels, ids, tlp, xt, wt):
+            rows = lambda a: a.reshape(16, 512, *a.shape[1:])
+            ref = rows(tlp[:, 0]).sum(-1)
+            return fusedloss.linear_preference_loss(
+                rows(x), w, rows(labels), ref_log_probs=ref, nll_coef=1.0
+            )
     else:
 
         def f(x, w, labels, ids, tlp, xt, wt):
@@ -460,12 +478,13 @@ def _rl_head(name):
     return f
 
 
-@pytest.mark.parametrize("head", ["log_probs", "topk", "distillation"])
+@pytest.mark.parametrize("head", ["log_probs", "topk", "distillation", "grpo", "dpo"])
 @pytest.mark.parametrize("target", ["h100", "tpu_v5e"])
 def test_rl_and_distillation_heads(target, head):
-    """``linear_log_probs`` (with entropy), ``linear_topk_distillation_loss`` (K=64)
-    and ``linear_distillation_loss`` (student D=4096, teacher Dt=8192) compile for the
-    target in bf16 without a float32 copy of either head's w and within the bound."""
+    """``linear_log_probs`` (with entropy), ``linear_topk_distillation_loss`` (K=64),
+    ``linear_distillation_loss`` (student D=4096, teacher Dt=8192) and the GRPO and DPO
+    objectives compile for the target in bf16 without a float32 copy of either head's
+    w and within the bound (the objectives: their one log-probs pass's)."""
     n, d, v = LLAMA3_8B
     dt, k = 8192, 64
     shard = SingleDeviceSharding(_devices(target)[0])
