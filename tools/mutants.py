@@ -5,12 +5,14 @@ Usage (from the repository root):
     python tools/mutants.py            # every mutant
     python tools/mutants.py NAME ...   # a subset (names from --list)
     python tools/mutants.py --list
+    python tools/mutants.py --check    # every mutant still applies (seconds, no tests)
 
 Each mutant is (name, file under src/fusedloss/, exact original text, replacement,
-pytest selection). The original text must occur exactly once in its file, so the
-check fails loudly when the code moves. A mutant is *caught* when its tests fail.
-Prints a caught/survived table; the exit status is non-zero if any survives (or a
-mutant no longer applies).
+pytest selection). The original text must occur exactly once in its file and the
+replacement must change it, so the check fails loudly when the code moves; ``--check``
+verifies only that (``make test`` runs it), ``make mutants`` runs the whole check.
+A mutant is *caught* when its tests fail. Prints a caught/survived table; the exit
+status is non-zero if any survives (or a mutant no longer applies).
 """
 
 from __future__ import annotations
@@ -240,8 +242,8 @@ MUTANTS = [
     Mutant(
         "teacher-distill-reverse-kl-grad-drops-mean",
         "heads/_distill.py",
-        "        ds = q * (lq - lp - sc.k[:, None])\n",
-        "        ds = q * (lq - lp)\n",
+        "        return _weighted(q, lq - lp - sc.k[:, None])\n",
+        "        return _weighted(q, lq - lp)\n",
         ("test_distillation_head.py",),
         "recompute-reverse_kl",
     ),
@@ -272,6 +274,37 @@ MUTANTS = [
 ]
 
 
+def problems(root: Path = ROOT, mutants: list[Mutant] | None = None) -> list[str]:
+    """Why each mutant would not apply to the tree at ``root`` (empty when all do).
+
+    A mutant applies when its original text occurs exactly once in its file, the
+    replacement differs from it, and its test files exist.
+    """
+    out = []
+    names = set()
+    for m in MUTANTS if mutants is None else mutants:
+        if m.name in names:
+            out.append(f"{m.name}: the name is used twice")
+        names.add(m.name)
+        path = root / "src" / "fusedloss" / m.file
+        if not path.is_file():
+            out.append(f"{m.name}: {m.file} does not exist")
+            continue
+        n = path.read_text().count(m.original)
+        if n != 1:
+            out.append(f"{m.name}: original text occurs {n} times in {m.file}, expected once")
+        if m.replacement == m.original:
+            out.append(f"{m.name}: the replacement does not change {m.file}")
+        out += [
+            f"{m.name}: no test file tests/{t}"
+            for t in m.tests
+            if not (root / "tests" / t).is_file()
+        ]
+        if not m.tests:
+            out.append(f"{m.name}: no test file selected")
+    return out
+
+
 def plant(src: Path, m: Mutant) -> None:
     path = src / "fusedloss" / m.file
     text = path.read_text()
@@ -286,17 +319,17 @@ def main(argv: list[str]) -> int:
         for m in MUTANTS:
             print(m.name)
         return 0
+    if "--check" in argv:
+        stale = problems()
+        print("\n".join(stale) or f"mutants: all {len(MUTANTS)} apply", file=sys.stderr)
+        return 2 if stale else 0
     chosen = [m for m in MUTANTS if not argv or m.name in argv]
     unknown = set(argv) - {m.name for m in MUTANTS}
     if unknown:
         print(f"unknown mutants: {sorted(unknown)}", file=sys.stderr)
         return 2
     # Every original text must still be present once before anything runs.
-    stale = []
-    for m in MUTANTS:
-        n = (ROOT / "src" / "fusedloss" / m.file).read_text().count(m.original)
-        if n != 1:
-            stale.append(f"{m.name}: original text occurs {n} times in {m.file}")
+    stale = problems()
     if stale:
         print("\n".join(stale), file=sys.stderr)
         return 2
