@@ -111,25 +111,41 @@ def test_extra_features_match_float64_oracle(kw):
 
 @pytest.mark.parametrize("where_kind", [None, "per_row", "per_element"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_residuals_are_one_float32_logits_array_plus_per_row_values(dtype, where_kind):
-    logits, labels = rand(1, (8, 16), 1000)
+def test_reverse_mode_keeps_only_the_logits_and_per_row_values(dtype, where_kind):
+    # Between forward and backward, reverse mode keeps the logits (in their own dtype,
+    # no float32 copy) and O(rows) values; no softmax or logit gradient the size of
+    # the logits. A per-element `where` is the caller's mask and is kept too.
+    rows, v = (8, 16), 1000
+    n = rows[0] * rows[1]
+    logits, labels = rand(1, rows, v)
     logits = logits.astype(dtype)
     rng = np.random.default_rng(2)
     where = None
     if where_kind is not None:
         where = jnp.asarray(rng.random(labels.shape if where_kind == "per_row" else logits.shape))
-        where = where < 0.8
-    _, vjp_fn = jax.vjp(
-        lambda z: ce(z, labels, where=where, label_smoothing=0.1, z_loss=1e-3, logit_softcap=30.0),
-        logits,
-    )
+        where = (where < 0.8).at[..., 3].set(True)
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 30.0}
+    _, vjp_fn = jax.vjp(lambda z: ce(z, labels, where=where, **kw), logits)
     leaves = jax.tree.leaves(vjp_fn)
-    big = [leaf for leaf in leaves if leaf.size > 8 * 16]
-    assert len(big) == 1, [leaf.shape for leaf in big]
-    assert big[0].shape == logits.shape and big[0].dtype == jnp.float32
-    # That one array is the logit gradient itself: the backward pass only scales it.
+    big = [leaf for leaf in leaves if leaf.size > n]
+    kept = [leaf for leaf in big if leaf.dtype != jnp.bool_]
+    assert [(leaf.shape, leaf.dtype) for leaf in kept] == [(logits.shape, logits.dtype)]
+    np.testing.assert_array_equal(np.asarray(kept[0], np.float32), np.asarray(logits, np.float32))
+    assert len(big) - len(kept) == (where_kind == "per_element")
+    assert sum(leaf.size for leaf in leaves if leaf.size <= n) <= 8 * n
+    # The backward recomputes the softmax from what it kept: the float64 gradient.
     (g,) = vjp_fn(jnp.ones(labels.shape, dtype))
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(big[0].astype(dtype)))
+    assert g.dtype == dtype
+    with jax.enable_x64(True):
+        z64 = jnp.asarray(np.asarray(logits, np.float64))
+        elem = None if where is None else jnp.broadcast_to(where.reshape(*rows, -1), z64.shape)
+        row = True if elem is None else jnp.any(elem, axis=-1)
+        oracle_kw = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 30.0, "where": elem}
+        want = jax.grad(lambda z: jnp.where(row, jnp_oracle(z, labels, **oracle_kw), 0.0).sum())
+        want = want(z64)
+    # float32 internals; bf16 rounds only the returned gradient (2**-8 relative).
+    tol = {jnp.float32: 1e-6, jnp.bfloat16: 2**-8}[dtype] * float(np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(want), rtol=0, atol=tol)
 
 
 def test_bf16_uses_float32_internals():

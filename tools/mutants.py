@@ -155,6 +155,14 @@ MUTANTS = [
         G,
         "softmax_ce_element_mask",
     ),
+    Mutant(
+        "softmax-ce-reverse-mode-saves-logit-gradient",
+        "_softmax_ce.py",
+        "policy=jax.checkpoint_policies.save_only_these_names(_ROW_STAT),",
+        "policy=jax.checkpoint_policies.everything_saveable,",
+        ("test_softmax_ce.py",),
+        "reverse_mode_keeps",
+    ),
     # Pallas GPU kernels
     Mutant(
         "gpu-forward-no-column-mask-past-split",
@@ -347,12 +355,12 @@ def main(argv: list[str]) -> int:
             # pytest exit 1: tests failed (caught); 5: nothing selected; else an error.
             status = {0: "SURVIVED", 1: "caught"}.get(r.returncode, f"error({r.returncode})")
             rows.append((m.name, status, time.monotonic() - start))
-            print(f"{m.name:40s} {status:10s} {rows[-1][2]:6.1f}s", flush=True)
+            print(f"{m.name:46s} {status:10s} {rows[-1][2]:6.1f}s", flush=True)
             shutil.rmtree(src.parent)
     print()
-    print(f"{'mutant':40s} {'result':10s}")
+    print(f"{'mutant':46s} {'result':10s}")
     for name, status, _ in rows:
-        print(f"{name:40s} {status:10s}")
+        print(f"{name:46s} {status:10s}")
     bad = [r for r in rows if r[1] != "caught"]
     print(f"\n{len(rows) - len(bad)}/{len(rows)} caught")
     return 1 if bad else 0
