@@ -186,7 +186,7 @@ MUTANTS = [
         "keep = (start + lax.iota(jnp.int32, k)) >= fresh",
         "keep = (start + lax.iota(jnp.int32, k)) >= start",
         ("test_pallas.py",),
-        "layouts",
+        "layouts or llama3",
     ),
     Mutant(
         "gpu-logits-rounded-to-input-dtype",
@@ -197,6 +197,22 @@ MUTANTS = [
         "low_precision",
     ),
     # Pallas TPU kernels
+    Mutant(
+        "tpu-label-logit-kept-from-last-tile-only",
+        "heads/pallas_tpu.py",
+        "y_sc[...] += jnp.sum(jnp.where(is_label, s, 0.0), axis=1, keepdims=True)",
+        "y_sc[...] = jnp.sum(jnp.where(is_label, s, 0.0), axis=1, keepdims=True)",
+        ("test_pallas.py",),
+        "many_tiles",
+    ),
+    Mutant(
+        "tpu-dw-accumulator-reset-at-token-tile-1",
+        "heads/pallas_tpu.py",
+        "    @pl.when(i == 0)\n",
+        "    @pl.when(i == 1)\n",
+        ("test_pallas.py",),
+        "many_tiles",
+    ),
     Mutant(
         "tpu-dx-edge-block-padding-unmasked",
         "heads/pallas_tpu.py",
