@@ -169,14 +169,18 @@ def test_matches_float64_oracle(impl, cfg, feature, reduction):
         extra = {} if b is None else {"bias": b}
         return call(impl, cfg, x, w, jnp.asarray(labels), **jkw, **extra)
 
+    def total(*a):
+        out = f(*a)
+        return jnp.sum(out), out
+
     argnums = (0, 1, 2) if b is not None else (0, 1)
-    got, grads = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a)), argnums))(
+    # One compiled program gives the (per-token) losses and the gradients.
+    (got, out), grads = jax.jit(jax.value_and_grad(total, argnums, has_aux=True))(
         jnp.asarray(x), jnp.asarray(w), b
     )
     want = oracle(x, w, labels, **kw)
     np.testing.assert_allclose(float(got), np.sum(want), rtol=1e-5, atol=1e-6)
-    if reduction == "none":
-        np.testing.assert_allclose(f(jnp.asarray(x), jnp.asarray(w), b), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
     want_g = oracle_grads(x, w, labels, kw, argnums)
     for name, g, wg in zip("x w bias".split(), grads, want_g, strict=False):
         assert g.dtype == jnp.float32, name
@@ -189,20 +193,14 @@ def test_matches_float64_oracle(impl, cfg, feature, reduction):
 @pytest.mark.parametrize("impl,cfg", IMPL_PARAMS)
 def test_shift_and_leading_shape(impl, cfg):
     x, w, labels, kw = make_inputs(7, lead=(2, 3, 9), v=77, features=FEATURES["smooth_ignore"])
-    got = call(impl, cfg, jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels), shift=1, **kw)
+    args = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    got = jax.jit(lambda x, w, y: call(impl, cfg, x, w, y, shift=1, **kw))(*args)
     want = oracle(x, w, labels, shift=1, **kw)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
-    per_tok, aux = call(
-        impl,
-        per_token_case(cfg),
-        jnp.asarray(x),
-        jnp.asarray(w),
-        jnp.asarray(labels),
-        shift=2,
-        reduction="none",
-        return_aux=True,
-        **kw,
-    )
+    cfg = per_token_case(cfg)
+    per_tok, aux = jax.jit(
+        lambda x, w, y: call(impl, cfg, x, w, y, shift=2, reduction="none", return_aux=True, **kw)
+    )(*args)
     assert per_tok.shape == (2, 3, 7) and aux.lse.shape == (2, 3, 7)
     np.testing.assert_allclose(
         per_tok, oracle(x, w, labels, shift=2, reduction="none", **kw), rtol=1e-5, atol=1e-6
@@ -261,7 +259,9 @@ def test_fully_masked_gives_zero_loss_and_grads(impl, cfg):
 def test_nan_propagates_from_included_token(impl, cfg):
     x, w, labels, _ = make_inputs(6, lead=(20,))
     x[4, 2] = np.nan
-    loss = call(impl, cfg, jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels))
+    loss = jax.jit(functools.partial(call, impl, cfg))(
+        jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    )
     assert np.isnan(float(loss))
 
 
