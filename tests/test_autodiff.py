@@ -150,42 +150,46 @@ def _sum(fn):
 TOL64 = {"rtol": 1e-10, "atol": 1e-10}
 
 
-@pytest.mark.parametrize("name", STANDARD)
-def test_float64_values_match_reference(name):
-    with jax.enable_x64(True):
-        ours, ref, args = _in_float64(name)
-        got = ours(*args)
-        assert got.dtype == jnp.float64
-        np.testing.assert_allclose(got, ref(*args), **TOL64)
+def _transforms(fn, args, tangents, *, full):
+    """The value, a jvp and the Hessian w.r.t. the first argument (forward over
+    reverse); with ``full`` also both Jacobians and the reverse-over-reverse Hessian.
+    One jitted program per loss and side: the compile, not the arithmetic, is what
+    these tiny shapes cost."""
+    out = {
+        "value": fn(*args),
+        "jvp": jax.jvp(fn, args, tangents)[1],
+        "hessian": jax.hessian(_sum(fn))(*args),
+    }
+    if full:
+        argnums = tuple(range(len(args)))
+        out["jacfwd"] = jax.jacfwd(fn, argnums)(*args)
+        out["jacrev"] = jax.jacrev(fn, argnums)(*args)
+        out["rev_rev"] = jax.jacrev(jax.grad(_sum(fn)))(*args)
+    return out
 
 
 @pytest.mark.parametrize("name", STANDARD)
-def test_forward_mode_matches_reference(name):
+def test_values_forward_mode_and_second_derivatives_match_reference(name):
     with jax.enable_x64(True):
         ours, ref, args = _in_float64(name)
         rng = np.random.default_rng(22)
         tangents = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), args)
-        got = jax.jit(lambda a, t: jax.jvp(ours, a, t)[1])(args, tangents)
-        want = jax.jit(lambda a, t: jax.jvp(ref, a, t)[1])(args, tangents)
-        assert np.abs(np.asarray(want)).max() > 0  # a real direction, not a zero derivative
-        np.testing.assert_allclose(got, want, **TOL64)
-        argnums = tuple(range(len(args)))
-        jac_fwd = jax.jit(jax.jacfwd(ours, argnums))(*args)
-        jac_rev = jax.jit(jax.jacrev(ours, argnums))(*args)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL64), jac_fwd, jac_rev)
+        got = jax.jit(lambda a, t: _transforms(ours, a, t, full=True))(args, tangents)
+        want = jax.jit(lambda a, t: _transforms(ref, a, t, full=False))(args, tangents)
+        assert got["value"].dtype == jnp.float64
 
+        def close(a, b):
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **TOL64), a, b)
 
-@pytest.mark.parametrize("name", STANDARD)
-def test_second_derivatives_match_reference(name):
-    with jax.enable_x64(True):
-        ours, ref, args = _in_float64(name)
-        # Hessian w.r.t. the first argument (forward over reverse), and reverse over
-        # reverse; piecewise-linear losses have a zero Hessian on both sides.
-        got = jax.jit(jax.hessian(_sum(ours)))(*args)
-        want = jax.jit(jax.hessian(_sum(ref)))(*args)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL64), got, want)
-        rev_rev = jax.jit(jax.jacrev(jax.grad(_sum(ours))))(*args)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL64), rev_rev, want)
+        close(got["value"], want["value"])
+        # Forward mode: a jvp along a real direction, and jacfwd equal to jacrev.
+        assert np.abs(np.asarray(want["jvp"])).max() > 0  # not a zero derivative
+        close(got["jvp"], want["jvp"])
+        close(got["jacfwd"], got["jacrev"])
+        # Second derivatives, forward over reverse and reverse over reverse;
+        # piecewise-linear losses have a zero Hessian on both sides.
+        close(got["hessian"], want["hessian"])
+        close(got["rev_rev"], want["hessian"])
 
 
 # ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
@@ -1073,8 +1073,8 @@ def _property_run(logits, labels, where, ints):
 
 
 # A few fixed shapes keep compilations bounded (at most four of the jitted run);
-# values and masks vary freely, and each further example costs about a millisecond.
-@settings(max_examples=100, deadline=None)
+# values and masks vary freely, and each further example costs about a millisecond
+# (the number of examples is the hypothesis profile's, tests/conftest.py).
 @given(
     shape=st.sampled_from([(3, 1), (2, 3, 4)]),
     per_element=st.booleans(),

@@ -2,13 +2,17 @@
 
 Hypothesis draws shapes and masks that reach the edges: no tokens, one class, a
 hidden size of 1, every token masked, labels at 0 and V - 1, and logits from O(1) up
-to O(1000) (where an unshifted log-sum-exp would overflow float32).
+to O(1000) (where an unshifted log-sum-exp would overflow float32). Shapes come from a
+fixed list of classes, so each jitted head compiles once per class and implementation
+and an example costs milliseconds; the number of examples is the hypothesis
+profile's (tests/conftest.py: 50 in CI).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,11 +31,14 @@ IMPLS = {
 }
 
 
+# (tokens, hidden, vocabulary): no tokens, one class, a hidden size of 1, and sizes
+# that leave partial (clamped) token and vocabulary chunks.
+SHAPES = [(0, 3, 5), (1, 1, 1), (5, 1, 37), (19, 5, 16), (9, 2, 17), (8, 4, 1)]
+
+
 @st.composite
 def problems(draw):
-    n = draw(st.integers(0, 19))
-    d = draw(st.integers(1, 5))
-    v = draw(st.integers(1, 37))
+    n, d, v = draw(st.sampled_from(SHAPES))
     scale = draw(st.sampled_from([0.5, 30.0, 1000.0]))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
@@ -62,10 +69,8 @@ def oracle(x, w, labels, where):
     return loss, dz @ w.T.astype(np.float64), x.T.astype(np.float64) @ dz
 
 
-@settings(max_examples=40, deadline=None)
-@given(problem=problems(), impl=st.sampled_from(sorted(IMPLS)))
-def test_linear_cross_entropy_matches_float64_oracle(problem, impl):
-    x, w, labels, where = problem
+@functools.partial(jax.jit, static_argnames="impl")
+def _lce_value_and_grad(x, w, labels, where, impl):
     name, cfg = IMPLS[impl]
 
     def f(x, w):
@@ -73,7 +78,21 @@ def test_linear_cross_entropy_matches_float64_oracle(problem, impl):
             x, w, labels, where=where, implementation=name, config=cfg
         )
 
-    loss, (gx, gw) = jax.value_and_grad(f, (0, 1))(jnp.asarray(x), jnp.asarray(w))
+    return jax.value_and_grad(f, (0, 1))(x, w)
+
+
+@jax.jit
+def _log_probs(x, w, labels, where):
+    return fusedloss.linear_log_probs(
+        x, w, labels, where=where, return_entropy=True, implementation="xla",
+        config=IMPLS["xla-recompute"][1],
+    )  # fmt: skip
+
+
+@given(problem=problems(), impl=st.sampled_from(sorted(IMPLS)))
+def test_linear_cross_entropy_matches_float64_oracle(problem, impl):
+    x, w, labels, where = problem
+    loss, (gx, gw) = _lce_value_and_grad(x, w, labels, where, impl=impl)
     want, want_gx, want_gw = oracle(x, w, labels, where)
     assert np.isfinite(float(loss))
     # float32 statistics of logits up to ~1000: relative 1e-5 of the loss's scale.
@@ -89,14 +108,10 @@ def test_linear_cross_entropy_matches_float64_oracle(problem, impl):
         np.testing.assert_allclose(g, wg, rtol=1e-4, atol=atol)
 
 
-@settings(max_examples=25, deadline=None)
 @given(problem=problems())
 def test_linear_log_probs_matches_float64_oracle(problem):
     x, w, labels, where = problem
-    logp, ent = fusedloss.linear_log_probs(
-        x, w, labels, where=where, return_entropy=True, implementation="xla",
-        config=IMPLS["xla-recompute"][1],
-    )  # fmt: skip
+    logp, ent = _log_probs(x, w, labels, where)
     z = x.astype(np.float64) @ w.astype(np.float64)
     if z.size:
         logq = z - z.max(-1, keepdims=True)
@@ -113,3 +128,10 @@ def test_linear_log_probs_matches_float64_oracle(problem):
     z_scale = float(np.abs(z).max(initial=0.0))
     ent_atol = max(1e-5, 8 * float(np.finfo(np.float32).eps) * z_scale)
     np.testing.assert_allclose(ent, want_ent, rtol=1e-4, atol=ent_atol)
+
+
+def test_hypothesis_profile_draws_at_least_50_examples():
+    # The profile of tests/conftest.py (ci unless HYPOTHESIS_PROFILE says otherwise)
+    # sets the number of examples of the property tests.
+    assert settings.default.max_examples >= 50
+    assert settings.default.deadline is None

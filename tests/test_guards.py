@@ -156,16 +156,16 @@ def test_softmax_ce_element_mask_with_label_smoothing_derivatives():
         )
 
     z = jnp.asarray(logits, jnp.float32)
-    close(f(z), _masked_smoothed_ce(logits, labels, mask, alpha), jnp.float32, "loss")
+    close(jax.jit(f)(z), _masked_smoothed_ce(logits, labels, mask, alpha), jnp.float32, "loss")
     # Central differences of the float64 oracle (its error ~eps^2 is far below TOL).
     t = rng.normal(size=logits.shape)
     fd = (
         _masked_smoothed_ce(logits + eps * t, labels, mask, alpha)
         - _masked_smoothed_ce(logits - eps * t, labels, mask, alpha)
     ) / (2 * eps)
-    _, jvp = jax.jvp(f, (z,), (jnp.asarray(t, jnp.float32),))
+    jvp = jax.jit(lambda z, t: jax.jvp(f, (z,), (t,))[1])(z, jnp.asarray(t, jnp.float32))
     close(jvp, fd, jnp.float32, "jvp")
-    grad = jax.grad(lambda z: jnp.sum(f(z)))(z)
+    grad = jax.jit(jax.grad(lambda z: jnp.sum(f(z))))(z)
     vjp_t = np.sum(np.asarray(grad, np.float64) * t, axis=-1)
     close(vjp_t, fd, jnp.float32, "vjp")
 

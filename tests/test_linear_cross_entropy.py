@@ -169,14 +169,18 @@ def test_matches_float64_oracle(impl, cfg, feature, reduction):
         extra = {} if b is None else {"bias": b}
         return call(impl, cfg, x, w, jnp.asarray(labels), **jkw, **extra)
 
+    def total(*a):
+        out = f(*a)
+        return jnp.sum(out), out
+
     argnums = (0, 1, 2) if b is not None else (0, 1)
-    got, grads = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a)), argnums))(
+    # One compiled program gives the (per-token) losses and the gradients.
+    (got, out), grads = jax.jit(jax.value_and_grad(total, argnums, has_aux=True))(
         jnp.asarray(x), jnp.asarray(w), b
     )
     want = oracle(x, w, labels, **kw)
     np.testing.assert_allclose(float(got), np.sum(want), rtol=1e-5, atol=1e-6)
-    if reduction == "none":
-        np.testing.assert_allclose(f(jnp.asarray(x), jnp.asarray(w), b), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
     want_g = oracle_grads(x, w, labels, kw, argnums)
     for name, g, wg in zip("x w bias".split(), grads, want_g, strict=False):
         assert g.dtype == jnp.float32, name
@@ -189,20 +193,14 @@ def test_matches_float64_oracle(impl, cfg, feature, reduction):
 @pytest.mark.parametrize("impl,cfg", IMPL_PARAMS)
 def test_shift_and_leading_shape(impl, cfg):
     x, w, labels, kw = make_inputs(7, lead=(2, 3, 9), v=77, features=FEATURES["smooth_ignore"])
-    got = call(impl, cfg, jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels), shift=1, **kw)
+    args = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    got = jax.jit(lambda x, w, y: call(impl, cfg, x, w, y, shift=1, **kw))(*args)
     want = oracle(x, w, labels, shift=1, **kw)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
-    per_tok, aux = call(
-        impl,
-        per_token_case(cfg),
-        jnp.asarray(x),
-        jnp.asarray(w),
-        jnp.asarray(labels),
-        shift=2,
-        reduction="none",
-        return_aux=True,
-        **kw,
-    )
+    cfg = per_token_case(cfg)
+    per_tok, aux = jax.jit(
+        lambda x, w, y: call(impl, cfg, x, w, y, shift=2, reduction="none", return_aux=True, **kw)
+    )(*args)
     assert per_tok.shape == (2, 3, 7) and aux.lse.shape == (2, 3, 7)
     np.testing.assert_allclose(
         per_tok, oracle(x, w, labels, shift=2, reduction="none", **kw), rtol=1e-5, atol=1e-6
@@ -261,7 +259,7 @@ def test_fully_masked_gives_zero_loss_and_grads(impl, cfg):
     x[3] = np.nan  # excluded rows are not read
     where = np.zeros(20, bool)
     f = lambda x, w: call(impl, cfg, x, w, jnp.asarray(labels), where=jnp.asarray(where))
-    loss, (gx, gw) = jax.value_and_grad(f, (0, 1))(jnp.asarray(x), jnp.asarray(w))
+    loss, (gx, gw) = jax.jit(jax.value_and_grad(f, (0, 1)))(jnp.asarray(x), jnp.asarray(w))
     assert float(loss) == 0.0
     assert not np.any(np.asarray(gx)) and not np.any(np.asarray(gw))
 
@@ -270,7 +268,9 @@ def test_fully_masked_gives_zero_loss_and_grads(impl, cfg):
 def test_nan_propagates_from_included_token(impl, cfg):
     x, w, labels, _ = make_inputs(6, lead=(20,))
     x[4, 2] = np.nan
-    loss = call(impl, cfg, jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels))
+    loss = jax.jit(functools.partial(call, impl, cfg))(
+        jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    )
     assert np.isnan(float(loss))
 
 
@@ -300,17 +300,17 @@ def test_out_of_range_label(impl, cfg):
 @pytest.mark.parametrize("impl,cfg", IMPL_PARAMS)
 def test_vmap_over_sequences_with_shared_w(impl, cfg):
     x, w, labels, kw = make_inputs(12, lead=(3, 17), v=90, features=FEATURES["smooth_ignore"])
-    f = lambda x, y: call(impl, cfg, x, jnp.asarray(w), y, **kw)
-    got = jax.vmap(f)(jnp.asarray(x), jnp.asarray(labels))
+
+    # Jitted: op by op, the reference's vmapped gradient took seconds.
+    def total(w, x, y):
+        per_sequence = jax.vmap(lambda x, y: call(impl, cfg, x, w, y, **kw))(x, y)
+        return jnp.sum(per_sequence), per_sequence
+
+    (_, got), gw = jax.jit(jax.value_and_grad(total, has_aux=True))(
+        jnp.asarray(w), jnp.asarray(x), jnp.asarray(labels)
+    )
     want = [oracle(x[i], w, labels[i], **kw) for i in range(3)]
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    gw = jax.grad(
-        lambda w: jnp.sum(
-            jax.vmap(lambda x, y: call(impl, cfg, x, w, y, **kw))(
-                jnp.asarray(x), jnp.asarray(labels)
-            )
-        )
-    )(jnp.asarray(w))
     want_gw = sum(oracle_grads(x[i], w, labels[i], kw, (1,))[0] for i in range(3))
     np.testing.assert_allclose(gw, want_gw, rtol=1e-5, atol=1e-7)
 
@@ -325,11 +325,13 @@ def test_gradient_accumulation_with_global_token_count(impl, cfg):
 
     total_tokens = 0
     acc_loss, acc_grad = 0.0, jnp.zeros_like(jnp.asarray(w))
+    micro_step = jax.jit(jax.value_and_grad(micro, has_aux=True))  # one compile, two steps
     for i in range(2):
-        (loss, aux), g = jax.value_and_grad(micro, has_aux=True)(jnp.asarray(w), i)
+        (loss, aux), g = micro_step(jnp.asarray(w), i)
         total_tokens += int(aux.num_tokens)
         acc_loss, acc_grad = acc_loss + loss, acc_grad + g
-    full, gfull = jax.value_and_grad(lambda w: call(impl, cfg, xs, w, ys, **kw))(jnp.asarray(w))
+    full_step = jax.jit(jax.value_and_grad(lambda w: call(impl, cfg, xs, w, ys, **kw)))
+    full, gfull = full_step(jnp.asarray(w))
     np.testing.assert_allclose(acc_loss / total_tokens, full, rtol=1e-5)
     np.testing.assert_allclose(acc_grad / total_tokens, gfull, rtol=1e-5, atol=1e-7)
 

@@ -6,7 +6,10 @@ The shared feature matrix lives in ``test_linear_cross_entropy.py`` (via
 ``_lce_impls.IMPL_CASES``); here: the statistics core's custom-VJP contract against
 autodiff of the materialized reference (vocabulary offset, labels outside the
 shard), unaligned shapes with tiny tiles so that every kind of partial tile occurs,
-NaN in excluded rows, the TPU-faithful interpreter (padding reads as NaN), that the
+NaN in excluded rows, many tiles on every grid axis of each TPU kernel, Llama-3's
+vocabulary (128256 columns, the GPU backward's last chunk clamped) at a small hidden
+size, low-precision gradients within their rounding budget, the TPU-faithful
+interpreter (padding reads as NaN), that the
 kernels lower for their real targets (Triton / Mosaic) without the hardware, and,
 on a GPU/TPU only, the compiled kernels at a real shape.
 """
@@ -358,25 +361,27 @@ def test_public_api_matches_reference(impl):
         _assert_close(g, r, name)
 
 
-# Unit roundoff u of each low-precision input dtype: rounding a value to the dtype
-# moves it by at most u times its magnitude.
+# Unit roundoff u of each input dtype: rounding a value to the dtype moves it by at
+# most u times its magnitude.
 UNIT_ROUNDOFF = {
     # bfloat16 keeps 8 significant bits (7 stored): u = 2^-8 ~ 3.9e-3.
     jnp.dtype(jnp.bfloat16): 2.0**-8,
     # float16 keeps 11 significant bits (10 stored): u = 2^-11 ~ 4.9e-4.
     jnp.dtype(jnp.float16): 2.0**-11,
+    # float32 keeps 24 significant bits: u = 2^-24 ~ 6e-8 (its accumulation, the 1e-5
+    # below, dominates).
+    jnp.dtype(jnp.float32): 2.0**-24,
 }
 
 
-def _check_low_precision(impl, dtype, seed):
-    """Loss and gradients of low-precision inputs against a float64 oracle on the
-    same (rounded) inputs, within the error of the kernels' two roundings."""
+def _check_low_precision(impl, dtype, seed, shape=(37, 24, 123), config=None):
+    """Loss and gradients against a float64 oracle on the same (rounded) inputs, within
+    the error of the kernels' two roundings to ``dtype`` (the README's budget)."""
     cap = 5.0
-    x, w, bias, labels, where = _inputs(37, 24, 123, dtype=dtype, seed=seed)
+    x, w, bias, labels, where = _inputs(*shape, dtype=dtype, seed=seed)
     feats = dict(use_bias=True, logit_softcap=cap, reduction="sum")
-    (loss, _), grads = _api_value_and_grad(
-        impl, BACKENDS[impl][0], x, w, bias, labels, where, feats
-    )
+    config = BACKENDS[impl][0] if config is None else config
+    (loss, _), grads = _api_value_and_grad(impl, config, x, w, bias, labels, where, feats)
     xs, ws = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, w))
     keep, rows, lab = np.asarray(where), np.arange(x.shape[0]), np.asarray(labels)
     t = np.tanh((xs @ ws + np.asarray(bias, np.float64)) / cap)
@@ -413,6 +418,42 @@ def _check_low_precision(impl, dtype, seed):
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_low_precision_inputs_accumulate_in_f32(impl, dtype):
     _check_low_precision(impl, dtype, seed=5)
+
+
+# Many tiles on every grid axis of each TPU kernel: 197 rows = 12 token tiles of 16 and
+# a partial one, 647 columns = 20 vocabulary tiles of 32 and a partial one. The forward
+# (loss) and dx kernels walk 13 x 21 tiles, the dw kernel (dw, dbias) 21 x 13; in bf16
+# the gradients are held to the rounding budget.
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_tpu_kernels_with_many_tiles_match_float64_oracle(dtype):
+    config = PallasTpuConfig(block_tokens=16, block_vocab=32, interpret=True)
+    plan = _plan(config, 197, 8, 647, dtype)
+    assert (-(-197 // plan.bt), -(-647 // plan.bv)) == (13, 21)
+    _check_low_precision("pallas_tpu", dtype, seed=10, shape=(197, 8, 647), config=config)
+
+
+# Llama-3's vocabulary, scaled down in D and N so that it runs in seconds: 128256 =
+# 41 backward chunks of 3072 columns and 2304 more, so the GPU kernel's last chunk is
+# clamped back to end at V (its first 768 columns were its predecessor's); the TPU
+# kernels' 512-column tiles leave a partial last tile (250.5 tiles).
+LLAMA3_V = 128256
+LLAMA3_CASES = {
+    "pallas_gpu": PallasGpuConfig(
+        block_tokens=16, block_vocab=128, block_d=16, chunk_bytes=3072 * 16 * 4, interpret=True
+    ),
+    "pallas_tpu": PallasTpuConfig(block_tokens=16, block_vocab=512, interpret=True),
+}
+
+
+@pytest.mark.parametrize("impl", list(LLAMA3_CASES))
+def test_llama3_vocabulary_clamped_last_chunk_matches_float64_oracle(impl):
+    config = LLAMA3_CASES[impl]
+    plan = _plan(config, 16, 16, LLAMA3_V, jnp.bfloat16)
+    if impl == "pallas_gpu":
+        assert plan.chunk == 3072 and LLAMA3_V % plan.chunk == 2304
+    else:
+        assert plan.bv == 512 and LLAMA3_V % plan.bv == 256
+    _check_low_precision(impl, jnp.bfloat16, seed=11, shape=(16, 16, LLAMA3_V), config=config)
 
 
 def test_tpu_interpreter_reads_padding_as_nan():

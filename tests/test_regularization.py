@@ -159,8 +159,8 @@ def float_pytrees(draw):
     )
 
 
-# Mostly milliseconds an example (up to ~0.4 s when a new leaf shape compiles).
-@hypothesis.settings(max_examples=40, deadline=None)
+# Mostly milliseconds an example (up to ~0.4 s when a new leaf shape compiles); the
+# number of examples is the hypothesis profile's (tests/conftest.py).
 @hypothesis.given(float_pytrees(), st.floats(0.0, 4.0))
 def test_property_matches_oracle(params, scale):
     got = l2_regularization(params, scale=scale)

@@ -5,12 +5,14 @@ Usage (from the repository root):
     python tools/mutants.py            # every mutant
     python tools/mutants.py NAME ...   # a subset (names from --list)
     python tools/mutants.py --list
+    python tools/mutants.py --check    # every mutant still applies (seconds, no tests)
 
 Each mutant is (name, file under src/fusedloss/, exact original text, replacement,
-pytest selection). The original text must occur exactly once in its file, so the
-check fails loudly when the code moves. A mutant is *caught* when its tests fail.
-Prints a caught/survived table; the exit status is non-zero if any survives (or a
-mutant no longer applies).
+pytest selection). The original text must occur exactly once in its file and the
+replacement must change it, so the check fails loudly when the code moves; ``--check``
+verifies only that (``make test`` runs it), ``make mutants`` runs the whole check.
+A mutant is *caught* when its tests fail. Prints a caught/survived table; the exit
+status is non-zero if any survives (or a mutant no longer applies).
 """
 
 from __future__ import annotations
@@ -153,6 +155,14 @@ MUTANTS = [
         G,
         "softmax_ce_element_mask",
     ),
+    Mutant(
+        "softmax-ce-reverse-mode-saves-logit-gradient",
+        "_softmax_ce.py",
+        "policy=jax.checkpoint_policies.save_only_these_names(_ROW_STAT),",
+        "policy=jax.checkpoint_policies.everything_saveable,",
+        ("test_softmax_ce.py",),
+        "reverse_mode_keeps",
+    ),
     # Pallas GPU kernels
     Mutant(
         "gpu-forward-no-column-mask-past-split",
@@ -176,17 +186,35 @@ MUTANTS = [
         "keep = (start + lax.iota(jnp.int32, k)) >= fresh",
         "keep = (start + lax.iota(jnp.int32, k)) >= start",
         ("test_pallas.py",),
-        "layouts",
+        "layouts or llama3",
     ),
     Mutant(
         "gpu-logits-rounded-to-input-dtype",
         "heads/pallas_gpu.py",
-        "    return _ce_math.softcap(z, st.hp.softcap)",
-        "    return _ce_math.softcap(z.astype(st.in_dtype).astype(st.acc), st.hp.softcap)",
+        "    return _ce_math.head_logits(z, st.hp.softcap, st.hp.temperature)",
+        "    return _ce_math.head_logits(\n"
+        "        z.astype(st.in_dtype).astype(st.acc), st.hp.softcap, st.hp.temperature\n"
+        "    )",
         ("test_pallas.py",),
         "low_precision",
     ),
     # Pallas TPU kernels
+    Mutant(
+        "tpu-label-logit-kept-from-last-tile-only",
+        "heads/pallas_tpu.py",
+        "y_sc[...] += jnp.sum(jnp.where(is_label, s, 0.0), axis=1, keepdims=True)",
+        "y_sc[...] = jnp.sum(jnp.where(is_label, s, 0.0), axis=1, keepdims=True)",
+        ("test_pallas.py",),
+        "many_tiles",
+    ),
+    Mutant(
+        "tpu-dw-accumulator-reset-at-token-tile-1",
+        "heads/pallas_tpu.py",
+        "    @pl.when(i == 0)\n",
+        "    @pl.when(i == 1)\n",
+        ("test_pallas.py",),
+        "many_tiles",
+    ),
     Mutant(
         "tpu-dx-edge-block-padding-unmasked",
         "heads/pallas_tpu.py",
@@ -240,8 +268,8 @@ MUTANTS = [
     Mutant(
         "teacher-distill-reverse-kl-grad-drops-mean",
         "heads/_distill.py",
-        "        ds = q * (lq - lp - sc.k[:, None])\n",
-        "        ds = q * (lq - lp)\n",
+        "        return _weighted(q, lq - lp - sc.k[:, None])\n",
+        "        return _weighted(q, lq - lp)\n",
         ("test_distillation_head.py",),
         "recompute-reverse_kl",
     ),
@@ -321,6 +349,37 @@ MUTANTS = [
 ]
 
 
+def problems(root: Path = ROOT, mutants: list[Mutant] | None = None) -> list[str]:
+    """Why each mutant would not apply to the tree at ``root`` (empty when all do).
+
+    A mutant applies when its original text occurs exactly once in its file, the
+    replacement differs from it, and its test files exist.
+    """
+    out = []
+    names = set()
+    for m in MUTANTS if mutants is None else mutants:
+        if m.name in names:
+            out.append(f"{m.name}: the name is used twice")
+        names.add(m.name)
+        path = root / "src" / "fusedloss" / m.file
+        if not path.is_file():
+            out.append(f"{m.name}: {m.file} does not exist")
+            continue
+        n = path.read_text().count(m.original)
+        if n != 1:
+            out.append(f"{m.name}: original text occurs {n} times in {m.file}, expected once")
+        if m.replacement == m.original:
+            out.append(f"{m.name}: the replacement does not change {m.file}")
+        out += [
+            f"{m.name}: no test file tests/{t}"
+            for t in m.tests
+            if not (root / "tests" / t).is_file()
+        ]
+        if not m.tests:
+            out.append(f"{m.name}: no test file selected")
+    return out
+
+
 def plant(src: Path, m: Mutant) -> None:
     path = src / "fusedloss" / m.file
     text = path.read_text()
@@ -335,17 +394,17 @@ def main(argv: list[str]) -> int:
         for m in MUTANTS:
             print(m.name)
         return 0
+    if "--check" in argv:
+        stale = problems()
+        print("\n".join(stale) or f"mutants: all {len(MUTANTS)} apply", file=sys.stderr)
+        return 2 if stale else 0
     chosen = [m for m in MUTANTS if not argv or m.name in argv]
     unknown = set(argv) - {m.name for m in MUTANTS}
     if unknown:
         print(f"unknown mutants: {sorted(unknown)}", file=sys.stderr)
         return 2
     # Every original text must still be present once before anything runs.
-    stale = []
-    for m in MUTANTS:
-        n = (ROOT / "src" / "fusedloss" / m.file).read_text().count(m.original)
-        if n != 1:
-            stale.append(f"{m.name}: original text occurs {n} times in {m.file}")
+    stale = problems()
     if stale:
         print("\n".join(stale), file=sys.stderr)
         return 2
@@ -363,12 +422,12 @@ def main(argv: list[str]) -> int:
             # pytest exit 1: tests failed (caught); 5: nothing selected; else an error.
             status = {0: "SURVIVED", 1: "caught"}.get(r.returncode, f"error({r.returncode})")
             rows.append((m.name, status, time.monotonic() - start))
-            print(f"{m.name:40s} {status:10s} {rows[-1][2]:6.1f}s", flush=True)
+            print(f"{m.name:46s} {status:10s} {rows[-1][2]:6.1f}s", flush=True)
             shutil.rmtree(src.parent)
     print()
-    print(f"{'mutant':40s} {'result':10s}")
+    print(f"{'mutant':46s} {'result':10s}")
     for name, status, _ in rows:
-        print(f"{name:40s} {status:10s}")
+        print(f"{name:46s} {status:10s}")
     bad = [r for r in rows if r[1] != "caught"]
     print(f"\n{len(rows) - len(bad)}/{len(rows)} caught")
     return 1 if bad else 0

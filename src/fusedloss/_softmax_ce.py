@@ -2,11 +2,13 @@
 
 The forward evaluates, per row, the log-sum-exp and the label logit (plus the logit
 sum for label smoothing) in float32, never forming log-probabilities. The JVP rule
-is linear in the tangents, with the logit gradient (one float32 array the size of the
-logits) and per-row partial derivatives as coefficients: forward mode (``jax.jvp``,
-``jacfwd``, ``hessian``) works, reverse mode is JAX's transpose of the rule and keeps
-only those coefficients between forward and backward, and the hyperparameters
-(``label_smoothing``, ``z_loss``, ``logit_softcap``) are differentiated too.
+is linear in the tangents, with the logit gradient and per-row partial derivatives as
+coefficients: forward mode (``jax.jvp``, ``jacfwd``, ``hessian``) works, reverse mode is
+JAX's transpose of the rule, and the hyperparameters (``label_smoothing``, ``z_loss``,
+``logit_softcap``) are differentiated too. The rule is rematerialized with a policy
+that saves only the per-row statistics, so reverse mode keeps the logits and O(rows)
+between forward and backward (no logits-sized gradient or softmax); the backward
+recomputes the softmax from the logits and the saved log-sum-exp.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from fusedloss import _ce_math, _checks
 
@@ -132,6 +135,10 @@ def _maybe_nonzero(value) -> bool:
     return not _checks.is_concrete(value) or float(value) != 0.0
 
 
+# The name of the per-row statistics that reverse mode saves (see _fused_ce_jvp).
+_ROW_STAT = "fusedloss_softmax_ce_row_stat"
+
+
 def _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing, *, tangent=True):
     """Per-row loss and every primal quantity its tangent needs.
 
@@ -164,10 +171,12 @@ def _row_stats(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing, *, tan
     m = jax.lax.stop_gradient(jnp.max(s_in, axis=-1, keepdims=True))
     m = jnp.where(jnp.isneginf(m), 0.0, m)
     lse = m[..., 0] + jnp.log(jnp.sum(jnp.exp(s_in - m), axis=-1))
+    lse = checkpoint_name(lse, _ROW_STAT)
+    label_logit = checkpoint_name(label_logit, _ROW_STAT)
     sum_logits = None
     count = num_classes
     if smoothing:
-        sum_logits = jnp.sum(jnp.where(live, s_live, 0.0), axis=-1)
+        sum_logits = checkpoint_name(jnp.sum(jnp.where(live, s_live, 0.0), axis=-1), _ROW_STAT)
         if elem_mask is not None:
             count = jnp.maximum(jnp.sum(include, axis=-1, dtype=dt), 1.0)
     loss = _ce_math.token_loss(
@@ -207,12 +216,51 @@ def _fused_ce(flat, labels, valid, elem_mask, alpha, zl, cap, smoothing):
 
 @_fused_ce.defjvp
 def _fused_ce_jvp(smoothing, primals, tangents):
-    # The tangent is linear in the tangents of the logits and of the hyperparameters,
-    # with logits-sized coefficient `grad` and per-row coefficients. Reverse mode is
-    # JAX's transpose of this rule, so its residuals are `grad` (one float32 array the
-    # size of the logits) and a few per-row scalars; no softmax is recomputed.
     flat, labels, valid, elem_mask, alpha, zl, cap = primals
     flat_dot, _, _, _, alpha_dot, zl_dot, cap_dot = tangents
+    return _loss_and_tangent(
+        flat,
+        labels,
+        valid,
+        elem_mask,
+        alpha,
+        zl,
+        cap,
+        flat_dot,
+        alpha_dot,
+        zl_dot,
+        cap_dot,
+        smoothing,
+    )
+
+
+# Reverse mode is JAX's transpose of this rule. Rematerialized with a policy that saves
+# only the named per-row statistics, its residuals are the rule's inputs (the logits,
+# labels and masks) and O(rows) floats: the logits-sized `grad` (float32, twice a bf16
+# input) is not kept but recomputed in the backward from the logits and the saved
+# log-sum-exp, as the backward of a cross-entropy does anyway. Forward mode and
+# higher orders are unaffected (checkpoint is the identity on values).
+@functools.partial(
+    jax.checkpoint,
+    policy=jax.checkpoint_policies.save_only_these_names(_ROW_STAT),
+    static_argnums=(11,),
+)
+def _loss_and_tangent(
+    flat,
+    labels,
+    valid,
+    elem_mask,
+    alpha,
+    zl,
+    cap,
+    flat_dot,
+    alpha_dot,
+    zl_dot,
+    cap_dot,
+    smoothing,
+):
+    # The tangent is linear in the tangents of the logits and of the hyperparameters,
+    # with logits-sized coefficient `grad` and per-row coefficients.
     loss, grad, d_alpha, d_zl, d_cap = _row_stats(
         flat, labels, valid, elem_mask, alpha, zl, cap, smoothing
     )
