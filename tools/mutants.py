@@ -346,6 +346,73 @@ MUTANTS = [
         ("test_excluded_tokens.py",),
         "topk",
     ),
+    # The kernels' temperature and entropy, the TPU's transposed read
+    Mutant(
+        "kernel-expected-logit-not-rescaled",
+        "_ce_math.py",
+        "    return ex * old_scale + tile * jnp.exp(shift - m_safe)",
+        "    return ex + tile * jnp.exp(shift - m_safe)",
+        ("test_log_probs.py",),
+        "values_and_gradients and pallas and temperature and 1",
+    ),
+    Mutant(
+        "gpu-kernel-backward-without-temperature",
+        "heads/pallas_gpu.py",
+        "        temperature=st.hp.temperature,\n",
+        "",
+        ("test_log_probs.py",),
+        "values_and_gradients and pallas_gpu and temperature",
+    ),
+    Mutant(
+        "tpu-unaligned-kernel-not-flipped",
+        "heads/pallas_tpu.py",
+        "    flip = not problem.w_vd and problem.v % 128 != 0 and problem.d % 128 == 0",
+        "    flip = False",
+        ("test_linear_cross_entropy.py",),
+        "unaligned_kernel",
+    ),
+    # Cross-entropy options and aux
+    Mutant(
+        "class-weights-smoothing-unweighted-normalizer",
+        "heads/_ce_head.py",
+        "            ce = ce + (a / v) * (jnp.sum(cw) * lse - weighted_sum)",
+        "            ce = ce + (a / v) * (v * lse - weighted_sum)",
+        ("test_cross_entropy_options.py",),
+        "cw_smooth",
+    ),
+    Mutant(
+        "token-scaling-not-detached",
+        "heads/_ce_head.py",
+        "        p_y = jax.lax.stop_gradient(jnp.exp(jnp.where(valid, lab - lse, 0.0)))",
+        "        p_y = jnp.exp(jnp.where(valid, lab - lse, 0.0))",
+        ("test_cross_entropy_options.py",),
+        "dft",
+    ),
+    Mutant(
+        "aux-predicted-not-masked",
+        "heads/_engine.py",
+        "        jnp.where(valid, argmax, -1).astype(jnp.int32),",
+        "        argmax.astype(jnp.int32),",
+        ("test_linear_cross_entropy.py",),
+        "aux_outputs",
+    ),
+    # Distillation conventions
+    Mutant(
+        "distill-hard-label-where-shares-the-mean",
+        "heads/distillation.py",
+        "        terms = Terms(tokens.coef, hard.coef, hard.valid, div_scale)",
+        "        terms = Terms(tokens.coef, tokens.coef, hard.valid, div_scale)",
+        ("test_distillation_head.py",),
+        "separate_exclusions_and",
+    ),
+    Mutant(
+        "topk-truncated-teacher-not-renormalized",
+        "heads/distillation.py",
+        "    lt = jax.nn.log_softmax(teacher_log_probs, axis=-1)",
+        "    lt = teacher_log_probs",
+        ("test_distillation.py",),
+        "truncated",
+    ),
 ]
 
 
