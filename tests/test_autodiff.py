@@ -41,18 +41,8 @@ NOT_STANDARD = {
     "sharded_linear_topk_distillation_loss",
     "vocab_parallel_linear_cross_entropy",
     # The post-training objectives (tests/test_post_training.py checks their gradients).
-    "KTOAux",
-    "PolicyGradientAux",
-    "PreferenceAux",
-    "aggregate_loss",
-    "kl_penalty",
-    "kto_loss",
-    "linear_kto_loss",
-    "linear_policy_gradient_loss",
-    "linear_preference_loss",
-    "policy_gradient_loss",
     "post_training",
-    "preference_loss",
+    *fl.post_training.__all__,
 }
 STANDARD = sorted(set(fl.__all__) - NOT_STANDARD)
 
